@@ -1,0 +1,12 @@
+"""The FSAM math, written once over lists of local shard views. Imports only torch."""
+
+from .comm import REPLICATED, all_reduce, communicates, global_sums
+from .fsam import FSAM, Perturbation, compute_mask, count_nonfinite, fisher_scores, grad_norm, perturb, restore
+from .select import global_topk_mask
+from .views import DEFAULT_EXCLUDE, ShardView, global_positions, is_eligible
+
+__all__ = [
+    "DEFAULT_EXCLUDE", "FSAM", "Perturbation", "REPLICATED", "ShardView", "all_reduce", "communicates", "compute_mask",
+    "count_nonfinite", "fisher_scores", "global_positions", "global_sums", "global_topk_mask", "grad_norm",
+    "is_eligible", "perturb", "restore",
+]

@@ -1,0 +1,68 @@
+"""What every backend adapter provides to the two-pass step (``fsam_dist.train.step``).
+
+An adapter only says where things live: the local shards and their gradients, their global
+positions, and how a change to the shard reaches the next forward. It never does FSAM math.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..core import DEFAULT_EXCLUDE, ShardView  # noqa: F401  (re-exported)
+
+LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
+"""``loss_fn(model, micro_batch)`` → the *sum* of per-target losses of the micro-batch."""
+
+
+class Backend:
+    """Adapter interface. Subclasses fill in the backend-specific pieces.
+
+    Attributes:
+        group: the group the core reduces shard sums over (``REPLICATED`` when every rank holds
+            complete, identical parameters and gradients).
+        world_group: the group every per-step decision (skip, token count) is reduced over.
+        loss_multiplier: factor on ``loss_sum / global_target_count`` so that the gradient the
+            backend reduces equals the gradient of the global-batch mean (e.g. the world size
+            where the backend averages gradients over ranks).
+        saves_weights: whether the core must save original values to restore (False where the
+            adapter restores from a master copy in :meth:`publish`).
+    """
+
+    group = None
+    world_group = None
+    loss_multiplier: float = 1.0
+    saves_weights: bool = True
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The module whose forward computes the loss (possibly a wrapper)."""
+        raise NotImplementedError
+
+    def forward_backward(self, loss_fn: LossFn, micro_batch: dict, scale: float, last: bool) -> torch.Tensor:
+        """Forward, ``(loss_sum * scale).backward()``; ``last`` marks the accumulation boundary,
+        after which gradients are reduced. Returns the detached ``loss_sum``."""
+        raise NotImplementedError
+
+    def views(self) -> list[ShardView]:
+        """Local shard views after a pass (at the accumulation boundary)."""
+        raise NotImplementedError
+
+    def publish(self, restored: bool) -> None:
+        """Make in-place changes to the views' weights visible to the next forward. Called after
+        the perturbation (``restored=False``) and after the restore (``restored=True``)."""
+
+    def zero_grad(self) -> None:
+        raise NotImplementedError
+
+    def clip_and_step(self, max_norm: float) -> float:
+        """Clip to the global norm ``max_norm`` (0 = off), step the base optimizer and scheduler.
+        Returns the global gradient norm before clipping."""
+        raise NotImplementedError
+
+    def skip_step(self) -> None:
+        """Discard this step's gradients without touching weights or optimizer state."""
+        self.zero_grad()

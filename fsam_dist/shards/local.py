@@ -1,0 +1,76 @@
+"""One process, or DDP: every rank holds the full parameters and the all-reduced gradient."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ..core import DEFAULT_EXCLUDE, REPLICATED, ShardView, global_positions, grad_norm, is_eligible
+from .base import Backend, LossFn
+
+
+class LocalBackend(Backend):
+    """Plain ``torch.nn.Module`` or ``DistributedDataParallel``.
+
+    DDP averages gradients over ranks, so the loss is multiplied by the world size; the
+    gradients are then identical on every rank, and the core reduces nothing (``REPLICATED``).
+    """
+
+    group = REPLICATED
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler=None,
+                 exclude: tuple[str, ...] | list[str] = DEFAULT_EXCLUDE) -> None:
+        self._model = model
+        self.module = model.module if isinstance(model, DistributedDataParallel) else model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.ddp = isinstance(model, DistributedDataParallel)
+        self.world_size = dist.get_world_size() if self.ddp else 1
+        self.rank = dist.get_rank() if self.ddp else 0
+        self.world_group = None
+        self.loss_multiplier = float(self.world_size)
+        self.trainable = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        self.positions = global_positions([(n, p.numel()) for n, p in self.trainable])
+        self.eligible = {n: is_eligible(n, exclude) for n, _ in self.trainable}
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    def forward_backward(self, loss_fn: LossFn, micro_batch: dict, scale: float, last: bool) -> torch.Tensor:
+        # Only the boundary micro-batch all-reduces; earlier ones accumulate locally.
+        sync = contextlib.nullcontext() if (last or not self.ddp) else self._model.no_sync()
+        with sync:
+            loss_sum = loss_fn(self._model, micro_batch)
+            (loss_sum * scale).backward()
+        return loss_sum.detach()
+
+    def views(self) -> list[ShardView]:
+        views = []
+        for name, p in self.trainable:
+            if p.grad is None:   # unused in this batch: its gradient is zero
+                p.grad = torch.zeros_like(p)
+            views.append(ShardView(name, p.detach().view(-1), p.grad.view(-1), self.positions[name],
+                                   self.eligible[name]))
+        return views
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def clip_and_step(self, max_norm: float) -> float:
+        views = self.views()
+        norm = grad_norm(views, self.group)
+        if max_norm > 0:
+            # The same coefficient as torch.nn.utils.clip_grad_norm_.
+            coef = max_norm / (norm + 1e-6)
+            if coef < 1:
+                with torch.no_grad():
+                    for v in views:
+                        v.grad.mul_(coef)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.zero_grad()
+        return norm
