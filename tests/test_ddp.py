@@ -1,0 +1,97 @@
+"""DDP (2 real gloo processes) gives the single-process answer; non-finite steps skip everywhere."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from fsam_dist.core import FSAM
+from fsam_dist.shards.local import LocalBackend
+from fsam_dist.train.loss import count_target_tokens, seq2seq_loss_sum
+from fsam_dist.train.step import train_step
+
+from .helpers import run_distributed, split_batch, state, synthetic_batch, tiny_t5
+
+STEPS, GLOBAL_BATCH, LR = 12, 8, 1e-2
+FSAM_KWARGS = dict(rho=0.05, keep_ratio=0.1, mask_interval=5)
+
+
+class PoisonBackend(LocalBackend):
+    """Puts a NaN into this rank's (already all-reduced) gradient at chosen (step, pass)."""
+
+    poison_at: set = set()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step, self.passes = 0, 0
+
+    def forward_backward(self, loss_fn, micro_batch, scale, last):
+        loss = super().forward_backward(loss_fn, micro_batch, scale, last)
+        if last:
+            self.passes += 1
+            if (self.step, self.passes) in self.poison_at:
+                next(p for _, p in self.trainable).grad.view(-1)[0] = float("nan")
+        return loss
+
+
+def train(rank: int, world: int, micro: int, poison_rank: int = -1, poison_at=()) -> dict:
+    model = tiny_t5(seed=0)
+    wrapped = DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=LR)
+    backend = PoisonBackend(wrapped, opt)
+    backend.poison_at = set(poison_at) if rank == poison_rank else set()
+    fsam = FSAM(**FSAM_KWARGS)
+    history, skipped, first_mask = [], [], None
+    for step in range(STEPS):
+        backend.step, backend.passes = step, 0
+        mine = split_batch(synthetic_batch(GLOBAL_BATCH, seed=100 + step), world, rank)
+        micro_batches = [split_batch(mine, micro, i) for i in range(micro)]
+        before = state(model)
+        stats = train_step(backend, seq2seq_loss_sum, micro_batches, step=step,
+                           count_targets=count_target_tokens, fsam=fsam)
+        skipped.append(stats["skipped"])
+        if stats["skipped"]:
+            history.append(all(torch.equal(p, before[n]) for n, p in model.named_parameters()))
+        if first_mask is None:
+            first_mask = {k: m.clone() for k, m in fsam.masks.items()}
+    return {"weights": state(model), "skipped": skipped, "unchanged_on_skip": history, "mask": first_mask}
+
+
+def reference(micro: int = 1, poison_at=()) -> dict:
+    """The same training on this process, with the whole global batch."""
+    return run_distributed(train, 1, micro, 0, poison_at)[0]
+
+
+def assert_same_weights(got: dict, expected: dict, rtol=1e-5, atol=1e-6) -> float:
+    worst = 0.0
+    for name, w in expected.items():
+        torch.testing.assert_close(got[name], w, rtol=rtol, atol=atol, msg=name)
+        worst = max(worst, float((got[name] - w).abs().max()))
+    return worst
+
+
+def test_ddp_two_ranks_with_accumulation_equals_one_process():
+    """2 ranks × 2 micro-batches == one process with one batch, over 12 steps with 3 mask refreshes."""
+    expected = reference(micro=1)
+    ranks = run_distributed(train, 2, 2)
+    for r in ranks:
+        assert_same_weights(r["weights"], expected["weights"])
+        assert r["mask"].keys() == expected["mask"].keys()
+        assert all(torch.equal(r["mask"][k], expected["mask"][k]) for k in expected["mask"])
+    # the run really trained
+    start = state(tiny_t5(seed=0))
+    assert any(not torch.allclose(start[n], w) for n, w in expected["weights"].items())
+
+
+def test_nonfinite_gradient_on_one_rank_skips_the_step_on_all_ranks():
+    """NaN in rank 1's gradient only (after DDP's all-reduce): pass 1 at step 2, pass 2 at step 5."""
+    poison = [(2, 1), (5, 2)]
+    ranks = run_distributed(train, 2, 1, 1, poison, timeout=180)
+    for r in ranks:
+        assert [i for i, s in enumerate(r["skipped"]) if s] == [2, 5]
+        assert r["unchanged_on_skip"] == [True, True]
+    assert_same_weights(ranks[0]["weights"], ranks[1]["weights"], rtol=0, atol=0)
+    # the same steps skipped on one process gives the same weights
+    expected = run_distributed(train, 1, 1, 0, poison)[0]
+    assert expected["skipped"] == ranks[0]["skipped"]
+    assert_same_weights(ranks[0]["weights"], expected["weights"])

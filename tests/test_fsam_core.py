@@ -1,0 +1,298 @@
+"""FSAM core and the two-pass step on one process: special cases that must hold exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fsam_dist.config import ConfigError, FSAMConfig, validate
+from fsam_dist.core import FSAM, ShardView, perturb
+from fsam_dist.core.fsam import fisher_scores
+from fsam_dist.shards.local import LocalBackend
+from fsam_dist.train.loss import count_target_tokens, seq2seq_loss_sum
+from fsam_dist.train.step import empirical_fisher, train_step
+
+from .helpers import state, synthetic_batch, tiny_t5
+
+LR = 1e-2
+
+
+def make_run(dropout=0.0, seed=0, **fsam_kwargs):
+    model = tiny_t5(seed=seed, dropout=dropout)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    fsam = FSAM(**fsam_kwargs) if fsam_kwargs else None
+    return model, opt, LocalBackend(model, opt), fsam
+
+
+def batches(step: int, n: int = 8, micro: int = 1) -> list[dict]:
+    full = synthetic_batch(n, seed=100 + step)
+    size = n // micro
+    return [{k: v[i * size:(i + 1) * size] for k, v in full.items()} for i in range(micro)]
+
+
+def test_rho_zero_same_dropout_is_adamw_bit_for_bit():
+    """ρ = 0 with dropout on and same_dropout: exactly the base optimizer."""
+    model, _, backend, fsam = make_run(dropout=0.1, rho=0.0, keep_ratio=0.5, mask_interval=2)
+    ref = tiny_t5(seed=0, dropout=0.1)
+    ref.train()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR)
+    torch.manual_seed(123)
+    for step in range(4):
+        train_step(backend, seq2seq_loss_sum, batches(step, micro=2), step=step,
+                   count_targets=count_target_tokens, fsam=fsam)
+    torch.manual_seed(123)
+    for step in range(4):
+        mbs = batches(step, micro=2)
+        total = sum(count_target_tokens(mb) for mb in mbs)
+        ref_opt.zero_grad()
+        for mb in mbs:
+            (seq2seq_loss_sum(ref, mb) * (1.0 / total)).backward()
+        ref_opt.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), name
+    # and the dropout really was on: a second forward in train mode differs
+    mb = batches(0)[0]
+    assert not torch.equal(seq2seq_loss_sum(model, mb), seq2seq_loss_sum(model, mb))
+
+
+def test_keep_ratio_one_without_exclusions_is_sam():
+    rho = 0.05
+    model, _, backend, fsam = make_run(rho=rho, keep_ratio=1.0, mask_interval=100)
+    backend.eligible = {n: True for n in backend.eligible}
+    ref = tiny_t5(seed=0)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR)
+    for step in range(3):
+        train_step(backend, seq2seq_loss_sum, batches(step), step=step, count_targets=count_target_tokens, fsam=fsam)
+        # plain SAM, written out
+        mb = batches(step)[0]
+        total = count_target_tokens(mb)
+        ref_opt.zero_grad()
+        (seq2seq_loss_sum(ref, mb) / total).backward()
+        params = [p for p in ref.parameters()]
+        norm = math.sqrt(sum(float(p.grad.double().square().sum()) for p in params))
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p in params:
+                p.add_(p.grad * (rho / (norm + 1e-12)))
+        ref_opt.zero_grad()
+        (seq2seq_loss_sum(ref, mb) / total).backward()
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        ref_opt.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+
+
+class RecordingBackend(LocalBackend):
+    """Records the weights pass 2 reads and the gradient the base optimizer steps with."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.forward_weights: list[dict] = []
+        self.stepped_grads = None
+
+    def forward_backward(self, loss_fn, micro_batch, scale, last):
+        self.forward_weights.append(state(self.module))
+        return super().forward_backward(loss_fn, micro_batch, scale, last)
+
+    def clip_and_step(self, max_norm):
+        self.stepped_grads = {n: p.grad.clone() for n, p in self.trainable}
+        self.weights_before_step = state(self.module)
+        return super().clip_and_step(max_norm)
+
+
+@pytest.mark.parametrize("excluded_mode", ["dense", "none"])
+def test_masked_entries_never_move_and_step_is_adamw_of_g2(excluded_mode):
+    model = tiny_t5(seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    backend = RecordingBackend(model, opt)
+    fsam = FSAM(rho=0.5, keep_ratio=0.1, mask_interval=1, excluded_mode=excluded_mode)
+    w0 = state(model)
+    train_step(backend, seq2seq_loss_sum, batches(0), step=0, count_targets=count_target_tokens, fsam=fsam)
+    pass1, pass2 = backend.forward_weights
+    masks = {name: m for (name, _), m in fsam.masks.items()}
+    masked_moved = masked_total = 0
+    for name, w in w0.items():
+        assert torch.equal(pass1[name], w)
+        moved = (pass2[name] != w).reshape(-1)
+        if backend.eligible[name]:
+            assert not moved[~masks[name]].any(), f"{name}: unmasked entries moved in pass 2"
+            masked_moved += int(moved[masks[name]].sum())
+            masked_total += int(masks[name].sum())
+        elif excluded_mode == "none":
+            assert not moved.any(), f"{name}: excluded parameter moved"
+        else:
+            # unused relative-attention buckets have zero gradient, so only "some entries moved"
+            assert moved.any(), f"{name}: excluded parameter not perturbed densely"
+    assert masked_total > 0 and masked_moved / masked_total > 0.95, "masked entries did not move"
+    # The base step used g₂ at exactly w (restore is exact): replay AdamW on the recorded g₂.
+    assert all(torch.equal(backend.weights_before_step[n], w) for n, w in w0.items())
+    replay = tiny_t5(seed=1)
+    replay_opt = torch.optim.AdamW(replay.parameters(), lr=LR)
+    for name, p in replay.named_parameters():
+        p.grad = backend.stepped_grads[name]
+    replay_opt.step()
+    for (name, p), q in zip(model.named_parameters(), replay.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_mask_refresh_schedule_and_perturbation_on_refresh_steps():
+    model = tiny_t5(seed=2)
+    backend = RecordingBackend(model, torch.optim.AdamW(model.parameters(), lr=LR))
+    fsam = FSAM(rho=0.1, keep_ratio=0.2, mask_interval=3)
+    refreshed = []
+    for step in range(7):
+        backend.forward_weights.clear()
+        stats = train_step(backend, seq2seq_loss_sum, batches(step), step=step,
+                           count_targets=count_target_tokens, fsam=fsam)
+        refreshed.append(stats.get("mask_refreshed", 0))
+        # a refresh never cancels the step's perturbation
+        pass1, pass2 = backend.forward_weights
+        assert any(not torch.equal(pass1[n], pass2[n]) for n in pass1)
+        assert stats["perturbation_norm"] > 0 and stats["sharpness"] == stats["perturbed_loss"] - stats["loss"]
+        if step > 0 and step % 3 == 0:
+            assert 0 <= stats["mask_jaccard"] <= 1
+    assert refreshed == [1, 0, 0, 1, 0, 0, 1]
+
+
+def _views(grads, weights=None, eligible=None):
+    weights = weights or [torch.ones_like(g) for g in grads]
+    eligible = eligible or [True] * len(grads)
+    views, pos = [], 0
+    for i, (g, w, e) in enumerate(zip(grads, weights, eligible)):
+        views.append(ShardView(f"p{i}", w, g, pos, e))
+        pos += g.numel()
+    return views
+
+
+def test_perturbation_formulas():
+    g = [torch.tensor([3.0, -4.0, 0.5, 0.0]), torch.tensor([1.0, 2.0])]
+    w = [torch.tensor([1.0, 2.0, -1.0, 0.5]), torch.tensor([0.5, -2.0])]
+    masks = {("p0", 0): torch.tensor([True, True, False, False])}
+    # full norm, dense exclusion
+    views = _views([x.clone() for x in g], [x.clone() for x in w], [True, False])
+    p = perturb(views, masks, rho=0.1, eps=1e-12, norm="full", excluded_mode="dense", adaptive=False)
+    n = math.sqrt(9 + 16 + 0.25 + 1 + 4)
+    expected0 = w[0] + 0.1 / n * torch.tensor([3.0, -4.0, 0.0, 0.0])
+    torch.testing.assert_close(views[0].weights, expected0)
+    torch.testing.assert_close(views[1].weights, w[1] + 0.1 / n * g[1])
+    assert p.grad_norm == pytest.approx(n)
+    # masked norm, no exclusion perturbation: ‖e‖ = ρ exactly
+    views = _views([x.clone() for x in g], [x.clone() for x in w], [True, False])
+    p = perturb(views, masks, rho=0.1, eps=1e-12, norm="masked", excluded_mode="none", adaptive=False)
+    assert p.perturbation_norm == pytest.approx(0.1)
+    torch.testing.assert_close(views[0].weights, w[0] + 0.1 / 5.0 * torch.tensor([3.0, -4.0, 0.0, 0.0]))
+    assert torch.equal(views[1].weights, w[1])
+    # adaptive: e = ρ |w|² g / ‖|w| g‖
+    views = _views([x.clone() for x in g], [x.clone() for x in w], [True, False])
+    perturb(views, masks, rho=0.1, eps=1e-12, norm="full", excluded_mode="dense", adaptive=True)
+    scaled = [wi.abs() * gi for wi, gi in zip(w, g)]
+    n = math.sqrt(sum(float(s.square().sum()) for s in scaled))
+    torch.testing.assert_close(views[0].weights, w[0] + 0.1 / n * (w[0] ** 2 * g[0]) * torch.tensor([1.0, 1, 0, 0]))
+    torch.testing.assert_close(views[1].weights, w[1] + 0.1 / n * (w[1] ** 2 * g[1]))
+
+
+def test_batch_fisher_mask_selects_largest_squared_gradients():
+    g = [torch.tensor([0.1, -3.0, 0.2]), torch.tensor([2.0, -0.5]), torch.tensor([9.0])]
+    views = _views(g, eligible=[True, True, False])
+    fsam = FSAM(rho=0.1, keep_ratio=0.4, mask_interval=10)   # k = round(0.4 * 5) = 2
+    fsam.ascend(views, step=0)
+    assert fsam.masks[("p0", 0)].tolist() == [False, True, False]
+    assert fsam.masks[("p1", 3)].tolist() == [True, False]
+    assert ("p2", 5) not in fsam.masks
+    fsam.descend(views)
+    assert [v.weights.tolist() for v in views] == [[1.0] * 3, [1.0] * 2, [1.0]]
+
+
+def test_empirical_fisher_is_sum_of_per_example_squared_gradients():
+    model = tiny_t5(seed=3)
+    backend = LocalBackend(model, torch.optim.AdamW(model.parameters(), lr=LR))
+    examples = [synthetic_batch(1, seed=s) for s in range(3)]
+    scores = empirical_fisher(backend, seq2seq_loss_sum, examples)
+    assert all(p.grad is None for p in model.parameters()), "the Fisher pass must not leave gradients"
+    expected = None
+    for ex in examples:
+        model.zero_grad()
+        seq2seq_loss_sum(model, ex).backward()
+        sq = fisher_scores(backend.views())
+        expected = sq if expected is None else [a + b for a, b in zip(expected, sq)]
+    for s, e in zip(scores, expected):
+        torch.testing.assert_close(s, e)
+
+
+def test_empirical_fisher_step_runs():
+    model, _, backend, fsam = make_run(rho=0.05, keep_ratio=0.1, mask_interval=2, fisher="empirical")
+    for step in range(3):
+        stats = train_step(backend, seq2seq_loss_sum, batches(step), step=step, count_targets=count_target_tokens,
+                           fsam=fsam, fisher_examples=lambda: [synthetic_batch(1, seed=s) for s in range(4)])
+        assert stats["skipped"] == 0
+    total = sum(int(m.sum()) for m in fsam.masks.values())
+    eligible = sum(v.numel for v in backend.views() if v.eligible)
+    assert total == round(0.1 * eligible)
+
+
+@pytest.mark.parametrize("bad_pass", [1, 2])
+def test_nonfinite_pass_skips_step_and_leaves_weights(bad_pass):
+    model, opt, backend, fsam = make_run(rho=0.05, keep_ratio=0.1, mask_interval=1)
+    train_step(backend, seq2seq_loss_sum, batches(0), step=0, count_targets=count_target_tokens, fsam=fsam)
+    before, opt_before = state(model), {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in opt.state.items()}
+    calls = []
+
+    def poisoned(m, mb):
+        calls.append(1)
+        loss = seq2seq_loss_sum(m, mb)
+        return loss * float("nan") if len(calls) == bad_pass else loss
+
+    stats = train_step(backend, poisoned, batches(1), step=1, count_targets=count_target_tokens, fsam=fsam)
+    assert stats["skipped"] == 1 and len(calls) == bad_pass
+    assert not fsam.perturbed
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+        assert p.grad is None
+    for k, v in opt.state.items():
+        for kk, vv in v.items():
+            assert torch.equal(vv, opt_before[k][kk])
+    stats = train_step(backend, seq2seq_loss_sum, batches(2), step=2, count_targets=count_target_tokens, fsam=fsam)
+    assert stats["skipped"] == 0
+
+
+def test_restore_happens_even_if_pass_two_raises():
+    model, _, backend, fsam = make_run(rho=0.5, keep_ratio=0.5, mask_interval=1)
+    before = state(model)
+    calls = []
+
+    def explode(m, mb):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return seq2seq_loss_sum(m, mb)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        train_step(backend, explode, batches(0), step=0, count_targets=count_target_tokens, fsam=fsam)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("rho", -0.1, "rho"), ("rho", float("nan"), "rho"), ("keep_ratio", 0.0, "keep_ratio"),
+    ("keep_ratio", 1.5, "keep_ratio"), ("mask_interval", 0, "mask_interval"), ("norm", "l1", "norm"),
+    ("fisher", "exact", "fisher"), ("excluded_mode", "sparse", "excluded_mode"), ("exclude", ["(bias"], "exclude"),
+    ("eps", 0, "eps"), ("mask_interval", "often", "mask_interval"), ("kep_ratio", 0.1, "kep_ratio"),
+])
+def test_config_errors_name_the_field(field, value, needle):
+    with pytest.raises(ConfigError) as err:
+        validate(FSAMConfig, {field: value}, prefix="fsam.")
+    assert f"fsam.{needle}" in str(err.value)
+
+
+def test_config_builds_core_and_defaults():
+    cfg = validate(FSAMConfig, {})
+    fsam = cfg.build()
+    assert (fsam.rho, fsam.keep_ratio, fsam.mask_interval, fsam.norm) == (0.05, 0.1, 100, "full")
+    assert validate(FSAMConfig, {"enabled": False}).build() is None
+    for kwargs in [dict(rho=-1), dict(keep_ratio=0), dict(mask_interval=1.5), dict(norm="x"), dict(eps=0)]:
+        with pytest.raises(ValueError):
+            FSAM(**kwargs)
