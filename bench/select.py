@@ -99,7 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), median of {args.repeats}\n")
-    print("| N (one process) | global_topk_mask | torch.topk | torch.kthvalue | x.sum() | select / kthvalue | select / topk |")
+    print("| N (one process) | global_topk_mask | torch.topk | torch.kthvalue | x.sum() "
+          "| select / kthvalue | select / topk |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in (int(s) for s in args.sizes):
         r = one_process(n, args.repeats)

@@ -134,3 +134,164 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
     return data
+
+
+class ModelConfig(_Section):
+    """The model to fine-tune."""
+
+    name_or_path: str
+    """Local directory with a Hugging Face T5/BART checkpoint and tokenizer (``save_pretrained``
+    layout). Hub ids are not downloaded: pass a local directory."""
+
+
+class DataConfig(_Section):
+    """Training and evaluation data."""
+
+    train_file: str
+    """JSONL or CSV file, or ``builtin:NAME`` (cmudict, uagec, django-<lang>)."""
+    eval_file: str | None = None
+    """Validation file (same formats); for ``builtin:`` corpora the validation split is used
+    when this is null."""
+    source_field: str = "source"
+    """Field holding the input text."""
+    target_field: str = "target"
+    """Field holding the output text."""
+    prefix: str = ""
+    """Task prefix prepended to every source (T5 style, e.g. 'translate English to German: ')."""
+    max_source_length: int = Field(128, ge=1)
+    """Source tokens kept (longer sources are truncated and counted)."""
+    max_target_length: int = Field(128, ge=1)
+    """Target tokens kept (longer targets are truncated and counted)."""
+    shuffle: bool = True
+    """Seeded permutation of the training examples each epoch (independent of world size). false:
+    step t uses examples t·G … (t+1)·G−1 of the file (G = global batch)."""
+    max_train_examples: int | None = Field(None, ge=1)
+    """Keep only the first N training examples (the limited-data setting)."""
+    max_eval_examples: int | None = Field(None, ge=1)
+    """Evaluate on at most N validation examples."""
+
+
+class OptimConfig(_Section):
+    """The base optimizer and learning-rate schedule."""
+
+    name: Literal["adamw"] = "adamw"
+    """Base optimizer (torch.optim.AdamW)."""
+    lr: float = Field(1e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay (not applied to biases and layer norms)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    """Learning rate after warm-up: constant, or decaying linearly / by a cosine to 0 at max_steps."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps from 0 to lr."""
+    clip_grad_norm: float = Field(1.0, ge=0)
+    """Clip the gradient the base optimizer uses to this global norm (0 = off). Also written into
+    the DeepSpeed config's gradient_clipping."""
+
+
+class BackendConfig(_Section):
+    """How the model is distributed."""
+
+    name: Literal["auto", "single", "ddp", "deepspeed", "fsdp"] = "auto"
+    """auto: deepspeed if deepspeed_config is set, fsdp if launched by accelerate with an FSDP
+    config, ddp if several processes, else single."""
+    deepspeed_config: str | None = None
+    """DeepSpeed JSON (configs/deepspeed/zero{0,1,2,3}.json). Batch sizes, accumulation,
+    precision and gradient clipping are filled from train.* / optim.*; a value there that
+    disagrees is an error."""
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend: auto = nccl with CUDA, gloo without."""
+    timeout_minutes: float = Field(10.0, gt=0)
+    """Collective timeout: a rank that dies makes the others exit after this long, not hang."""
+
+
+class TrainConfig(_Section):
+    """The training loop."""
+
+    seed: int = 0
+    """Seeds data order and dropout (the same on every rank)."""
+    max_steps: int = Field(100, ge=1)
+    """Optimizer steps."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Examples per micro-batch per rank. Global batch G = micro_batch_size × world × grad_accum_steps."""
+    grad_accum_steps: int = Field(1, ge=1)
+    """Micro-batches per rank per optimizer step (inside both FSAM passes)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """fp32, bf16 (CPU and GPU), fp16 (DeepSpeed on GPU, with its loss scaler)."""
+    output_dir: str = "runs/default"
+    """Where metrics.jsonl, checkpoints/step-N/ and final/ are written."""
+    log_every: int = Field(10, ge=1)
+    """Progress-bar refresh and console log interval (metrics.jsonl gets every step)."""
+    save_every: int = Field(0, ge=0)
+    """Checkpoint every N steps (0 = only the final model)."""
+    keep_last_n: int = Field(2, ge=1)
+    """Checkpoints kept; older complete ones are deleted after a newer one is complete."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint in output_dir, if any), none, or a checkpoint directory."""
+    eval_every: int = Field(0, ge=0)
+    """Generation-based evaluation every N steps (0 = only at the end, if eval data exists)."""
+    max_consecutive_skips: int = Field(20, ge=1)
+    """Stop with an error after this many consecutive skipped (non-finite) steps."""
+
+
+class EvalConfig(_Section):
+    """Generation-based evaluation."""
+
+    enabled: bool = True
+    """Evaluate at eval_every and at the end when validation data exists."""
+    batch_size: int = Field(16, ge=1)
+    """Generation batch size per rank."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Longest generated output."""
+    num_beams: int = Field(1, ge=1)
+    """1 = greedy."""
+    task: str | None = None
+    """Metric family: null (exact match, chrF, BLEU), 'g2p' (+ phoneme/word error rate),
+    'summarization' (+ ROUGE)."""
+
+
+class Config(_Section):
+    """A training run (``launch/train.py --config FILE [key.path=value ...]``)."""
+
+    model: ModelConfig
+    """The model."""
+    data: DataConfig
+    """The data."""
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """The base optimizer."""
+    fsam: FSAMConfig = Field(default_factory=FSAMConfig)
+    """FSAM."""
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+    """Distribution."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """The loop."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Evaluation."""
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``key.path=value`` overrides, validate (ConfigError on any problem)."""
+    data = apply_overrides(load_yaml(path), overrides or [])
+    return validate(Config, data)
+
+
+def field_docs(model_cls: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, docstring) of every field, for the README table."""
+    rows = []
+    for name, info in model_cls.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(field_docs(annotation, f"{prefix}{name}."))
+            continue
+        if info.is_required():
+            default = "required"
+        elif info.default_factory is not None:
+            default = repr(info.default_factory())
+        else:
+            default = repr(info.default)
+        rows.append((f"{prefix}{name}", default, " ".join((info.description or "").split())))
+    return rows

@@ -72,11 +72,11 @@ def fisher_scores(views: list[ShardView]) -> list[torch.Tensor]:
 
 
 def compute_mask(views: list[ShardView], scores: list[torch.Tensor], keep_ratio: float,
-                 group=None) -> dict[tuple[str, int], torch.Tensor]:
+                 group=None) -> tuple[dict[tuple[str, int], torch.Tensor], float]:
     """Global top-k mask over the eligible views, ``k = round(keep_ratio · N_eligible)``.
 
     ``scores`` holds one tensor per *eligible* view, in order. Returns a bool mask per eligible
-    view keyed by (name, position).
+    view keyed by (name, position), and the global density k / N_eligible.
     """
     eligible = [v for v in views if v.eligible]
     if len(scores) != len(eligible):
@@ -84,7 +84,8 @@ def compute_mask(views: list[ShardView], scores: list[torch.Tensor], keep_ratio:
     n_eligible = int(global_sums([torch.tensor(float(sum(v.numel for v in eligible)))], group)[0])
     k = round(keep_ratio * n_eligible)
     masks = global_topk_mask(scores, [v.position for v in eligible], k, group)
-    return {_key(v): m.reshape(-1) for v, m in zip(eligible, masks)}
+    density = k / n_eligible if n_eligible else 0.0
+    return {_key(v): m.reshape(-1) for v, m in zip(eligible, masks)}, density
 
 
 @dataclass
@@ -217,9 +218,9 @@ class FSAM:
                     raise ValueError("fisher='empirical' needs the caller's Fisher scores at a refresh")
                 scores = fisher_scores(views)
             previous = self.masks
-            self.masks = compute_mask(views, scores, self.keep_ratio, group)
+            self.masks, density = compute_mask(views, scores, self.keep_ratio, group)
             self.mask_step = step
-            stats["mask_refreshed"] = 1
+            stats.update(mask_refreshed=1, mask_density=density)
             if previous is not None and previous.keys() == self.masks.keys():
                 inter = sum((previous[k] & m).sum() for k, m in self.masks.items())
                 union = sum((previous[k] | m).sum() for k, m in self.masks.items())

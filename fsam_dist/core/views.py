@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 DEFAULT_EXCLUDE = (
     r"(^|\.)bias$",
     r"(?i)layer_?norm",

@@ -63,6 +63,29 @@ class Backend:
         Returns the global gradient norm before clipping."""
         raise NotImplementedError
 
+    def current_lr(self) -> float | None:
+        """The base optimizer's current learning rate (first parameter group)."""
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            return float(scheduler.get_last_lr()[0])
+        optimizer = getattr(self, "optimizer", None)
+        return float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None
+
     def skip_step(self) -> None:
         """Discard this step's gradients without touching weights or optimizer state."""
         self.zero_grad()
+
+    def save_state(self, path: str) -> None:
+        """Save what resuming needs (weights, optimizer and scheduler state) into the directory
+        ``path``. Every rank calls it; each writes what it owns."""
+        raise NotImplementedError
+
+    def load_state(self, path: str) -> None:
+        """Restore what :meth:`save_state` wrote into ``path`` (same backend and world size).
+        Every rank calls it."""
+        raise NotImplementedError
+
+    def full_state_dict(self) -> dict | None:
+        """The module's complete ``state_dict`` (fp32 masters where they exist) on rank 0, None on
+        the other ranks. A collective where parameters are sharded: every rank calls it."""
+        raise NotImplementedError

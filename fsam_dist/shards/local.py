@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,8 @@ class LocalBackend(Backend):
     group = REPLICATED
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler=None,
-                 exclude: tuple[str, ...] | list[str] = DEFAULT_EXCLUDE) -> None:
+                 exclude: tuple[str, ...] | list[str] = DEFAULT_EXCLUDE,
+                 autocast_dtype: torch.dtype | None = None) -> None:
         self._model = model
         self.module = model.module if isinstance(model, DistributedDataParallel) else model
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -34,6 +36,7 @@ class LocalBackend(Backend):
         self.trainable = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         self.positions = global_positions([(n, p.numel()) for n, p in self.trainable])
         self.eligible = {n: is_eligible(n, exclude) for n, _ in self.trainable}
+        self.autocast_dtype = autocast_dtype
 
     @property
     def model(self) -> torch.nn.Module:
@@ -42,7 +45,9 @@ class LocalBackend(Backend):
     def forward_backward(self, loss_fn: LossFn, micro_batch: dict, scale: float, last: bool) -> torch.Tensor:
         # Only the boundary micro-batch all-reduces; earlier ones accumulate locally.
         sync = contextlib.nullcontext() if (last or not self.ddp) else self._model.no_sync()
-        with sync:
+        device_type = next(self.module.parameters()).device.type
+        autocast = torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        with sync, autocast:
             loss_sum = loss_fn(self._model, micro_batch)
             (loss_sum * scale).backward()
         return loss_sum.detach()
@@ -74,3 +79,26 @@ class LocalBackend(Backend):
             self.scheduler.step()
         self.zero_grad()
         return norm
+
+    def save_state(self, path: str) -> None:
+        """``torch.save`` of module, optimizer and scheduler state into ``path/local_state.pt``
+        (rank 0 writes; DDP ranks hold identical state)."""
+        if self.rank == 0:
+            os.makedirs(path, exist_ok=True)
+            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": None if self.scheduler is None else self.scheduler.state_dict()},
+                       os.path.join(path, "local_state.pt"))
+        if self.ddp:
+            dist.barrier()
+
+    def load_state(self, path: str) -> None:
+        state = torch.load(os.path.join(path, "local_state.pt"), map_location="cpu", weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+    def full_state_dict(self) -> dict | None:
+        if self.rank != 0:
+            return None
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}

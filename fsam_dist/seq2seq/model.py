@@ -1,0 +1,109 @@
+"""Load a seq2seq model and its tokenizer from a local directory (T5 / Flan-T5 / BART families).
+
+Any directory written by ``save_pretrained`` works: one made by
+:mod:`fsam_dist.seq2seq.init_model`, or a user's copy of t5-base, flan-t5-large, bart-large, ...
+Hub ids are passed through to ``from_pretrained`` only where the hub may be used (``HF_HUB_OFFLINE``
+unset); on an offline machine they fail at once with a message saying to pass a directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+T5_TYPES = {"t5", "mt5", "umt5", "longt5"}
+BART_TYPES = {"bart", "mbart"}
+
+
+class ModelLoadError(ValueError):
+    """The model or tokenizer cannot be loaded; the message says why and what to do."""
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name a user meant as a path (absolute, ./, ../, ~, backslash, or more than one '/')."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
+            or name.endswith("/"))
+
+
+def _resolve(name_or_path: str) -> str:
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model path {str(path)!r} is a file; pass the directory that save_pretrained "
+                                 f"wrote (with config.json)")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory {str(path)!r} has no config.json: pass a directory written by "
+                                 f"save_pretrained, or make one with `python -m fsam_dist.seq2seq.init_model`")
+        return str(path)
+    if _looks_like_path(name_or_path):
+        raise ModelLoadError(f"model directory {name_or_path!r} does not exist")
+    if _hub_offline():
+        raise ModelLoadError(
+            f"model {name_or_path!r} is not a local directory, and hub ids cannot be downloaded offline "
+            f"(HF_HUB_OFFLINE=1): pass the path of a local directory holding the model (config.json, weights "
+            f"and tokenizer files, as save_pretrained writes them), or build a small random one with "
+            f"`python -m fsam_dist.seq2seq.init_model --arch t5 --out DIR --train-file ...`")
+    return name_or_path  # a hub id, on a machine that may download it
+
+
+def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` via ``AutoModelForSeq2SeqLM`` / ``AutoTokenizer.from_pretrained``.
+
+    Raises :class:`ModelLoadError` for a missing directory (or a hub id when offline), a directory
+    without ``config.json``, a model that is not an encoder-decoder, a tokenizer without a pad
+    token, or a tokenizer whose ids do not fit the model's vocabulary.
+    """
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    source = _resolve(str(name_or_path))
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read the model config of {source!r}: {err}") from err
+    if not getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(f"{source!r} is a {config.model_type!r} model, not an encoder-decoder: use a "
+                             f"seq2seq model such as T5, Flan-T5 or BART")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the tokenizer of {source!r} (tokenizer.json / tokenizer_config.json "
+                             f"expected beside the model): {err}") from err
+    if tokenizer.pad_token_id is None:
+        raise ModelLoadError(
+            f"the tokenizer of {source!r} has no pad token, which batching needs: add one and save it, e.g. "
+            f"`tok.pad_token = tok.eos_token` (or `tok.add_special_tokens({{'pad_token': '<pad>'}})` plus "
+            f"`model.resize_token_embeddings(len(tok))`), then `tok.save_pretrained(DIR)`")
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the model weights of {source!r}: {err}") from err
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ModelLoadError(f"the tokenizer of {source!r} has {len(tokenizer)} tokens but the model's embedding "
+                             f"has {vocab} rows: they do not belong together (or call "
+                             f"model.resize_token_embeddings(len(tokenizer)) and save)")
+    if model.config.decoder_start_token_id is None:
+        raise ModelLoadError(f"the model config of {source!r} has no decoder_start_token_id; set it (T5: the pad "
+                             f"id, BART: the eos id) in config.json")
+    return model, tokenizer
+
+
+def model_kind(model) -> str:
+    """``'t5'`` or ``'bart'`` for a model (or a DDP/DeepSpeed/FSDP wrapper with ``.module``)."""
+    seen = 0
+    while not hasattr(model, "config") and hasattr(model, "module") and seen < 8:
+        model, seen = model.module, seen + 1
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in T5_TYPES:
+        return "t5"
+    if model_type in BART_TYPES:
+        return "bart"
+    raise ValueError(f"unsupported model type {model_type!r}: expected a T5 ({', '.join(sorted(T5_TYPES))}) or "
+                     f"BART ({', '.join(sorted(BART_TYPES))}) model")

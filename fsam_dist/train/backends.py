@@ -1,0 +1,177 @@
+"""Pick and build the backend adapter from the config and the launcher's environment.
+
+Everything that can be checked without a process group (backend vs. launcher, the DeepSpeed
+JSON against train.*/optim.*, the FSDP settings accelerate passed) is checked in
+:func:`preflight`, which runs before ``init_process_group``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError
+from .distributed import DistEnv
+
+NO_DECAY = (r"(^|\.)bias$", r"(?i)layer_?norm")
+"""Parameters without weight decay (as in Hugging Face's Trainer)."""
+
+
+def resolve_backend(cfg: Config, env: DistEnv) -> str:
+    """The backend name this run uses ('single', 'ddp', 'deepspeed', 'fsdp')."""
+    name = cfg.backend.name
+    if name == "auto":
+        if cfg.backend.deepspeed_config:
+            name = "deepspeed"
+        elif os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            name = "fsdp"
+        elif env.world_size > 1:
+            name = "ddp"
+        else:
+            name = "single"
+    return name
+
+
+def preflight(cfg: Config, env: DistEnv, name: str) -> dict | None:
+    """Check the backend against the launcher before any process group starts. Returns the
+    DeepSpeed config dict for 'deepspeed', None otherwise."""
+    launchers = {"ddp": "torchrun --nproc_per_node N launch/train.py --config ...",
+                 "deepspeed": "deepspeed --num_gpus N launch/train.py --config ...",
+                 "fsdp": "accelerate launch --config_file configs/accelerate/fsdp2.yaml launch/train.py --config ..."}
+    if name in launchers and not env.distributed:
+        raise ConfigError(f"backend.name: {name!r} needs a distributed launcher (no RANK/WORLD_SIZE in the "
+                          f"environment); launch with `{launchers[name]}`, or set backend.name: single")
+    if name == "single" and env.world_size > 1:
+        raise ConfigError(f"backend.name: 'single' but the launcher started {env.world_size} processes; "
+                          "use ddp, deepspeed or fsdp (or auto)")
+    if name == "deepspeed" and not cfg.backend.deepspeed_config:
+        raise ConfigError("backend.deepspeed_config: required for backend.name: deepspeed "
+                          "(e.g. configs/deepspeed/zero2.json)")
+    if name != "deepspeed" and cfg.backend.deepspeed_config and cfg.backend.name != "auto":
+        raise ConfigError(f"backend.deepspeed_config is set but backend.name is {name!r}; remove one")
+    if cfg.train.precision == "fp16" and (name != "deepspeed" or not torch.cuda.is_available()):
+        raise ConfigError("train.precision: fp16 needs DeepSpeed on a GPU (its loss scaler); use bf16 or fp32")
+    if name == "deepspeed":
+        return deepspeed_config(cfg, env.world_size)
+    if name == "fsdp":
+        from ..shards.fsdp import fsdp_settings_from_env
+
+        try:
+            fsdp_settings_from_env()
+        except ValueError as err:
+            raise ConfigError(f"accelerate FSDP config: {err}") from None
+    return None
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The user's DeepSpeed JSON with batch sizes, accumulation, clipping and precision filled in
+    from train.*/optim.*; a value that disagrees is an error naming both fields."""
+    path = Path(cfg.backend.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"backend.deepspeed_config: {path} does not exist")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"backend.deepspeed_config: {path} is not valid JSON ({err})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"backend.deepspeed_config: {path} must hold a JSON object")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"{path}: remove {key!r}; the optimizer and schedule come from optim.* "
+                              "(a torch AdamW is passed to DeepSpeed)")
+    t = cfg.train
+    wanted = {
+        "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
+        "gradient_accumulation_steps": (t.grad_accum_steps, "train.grad_accum_steps"),
+        "train_batch_size": (t.micro_batch_size * t.grad_accum_steps * world_size,
+                             "train.micro_batch_size × grad_accum_steps × world size"),
+        "gradient_clipping": (cfg.optim.clip_grad_norm, "optim.clip_grad_norm"),
+    }
+    for key, (value, source) in wanted.items():
+        if key in ds and ds[key] != "auto" and not math.isclose(float(ds[key]), float(value)):
+            raise ConfigError(f"{path}: {key} = {ds[key]} disagrees with {source} = {value}; "
+                              f"remove {key} from the JSON (or set it to \"auto\")")
+        ds[key] = value
+    for precision in ("bf16", "fp16"):
+        section = ds.get(precision, {})
+        enabled = section.get("enabled", False)
+        wanted_on = t.precision == precision
+        if enabled not in ("auto", wanted_on):
+            raise ConfigError(f"{path}: {precision}.enabled = {enabled} disagrees with train.precision = "
+                              f"{t.precision!r}; remove it from the JSON (or set it to \"auto\")")
+        ds[precision] = {**section, "enabled": wanted_on}
+    stage = ds.setdefault("zero_optimization", {}).setdefault("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if stage == 0 and t.precision != "fp32":
+        raise ConfigError(f"{path}: ZeRO stage 0 with {t.precision} is not supported; use stage 1-3 or fp32")
+    ds.setdefault("steps_per_print", 10 ** 9)   # our progress bar replaces DeepSpeed's step log
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if any(re.search(r, name) for r in NO_DECAY) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
+    o = cfg.optim
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
+def make_scheduler(optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup, total, kind = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.scheduler
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_backend(name: str, cfg: Config, env: DistEnv, model: torch.nn.Module, device: torch.device,
+                  ds_config: dict | None):
+    """The adapter for ``name`` around ``model`` (already on ``device``)."""
+    exclude = tuple(cfg.fsam.exclude)
+    if name in ("single", "ddp"):
+        from ..shards.local import LocalBackend
+
+        wrapped = model
+        if name == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        optimizer = make_optimizer(param_groups(model, cfg.optim.weight_decay), cfg)
+        autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
+        return LocalBackend(wrapped, optimizer, make_scheduler(optimizer, cfg), exclude=exclude,
+                            autocast_dtype=autocast)
+    if name == "deepspeed":
+        from ..shards.deepspeed import DeepSpeedBackend
+
+        optimizer = make_optimizer(param_groups(model, cfg.optim.weight_decay), cfg)
+        return DeepSpeedBackend(model, ds_config, optimizer, make_scheduler(optimizer, cfg), exclude=exclude)
+    if name == "fsdp":
+        from ..shards.fsdp import FSDPBackend, fsdp_settings_from_env
+
+        settings = fsdp_settings_from_env()
+        return FSDPBackend.from_settings(
+            model, settings,
+            optimizer_factory=lambda m: make_optimizer(param_groups(m, cfg.optim.weight_decay), cfg),
+            scheduler_factory=lambda opt: make_scheduler(opt, cfg), precision=cfg.train.precision,
+            exclude=exclude)
+    raise ConfigError(f"backend.name: unknown backend {name!r}")

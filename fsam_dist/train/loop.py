@@ -1,0 +1,198 @@
+"""The training run: config → checks → process group → model, data, backend → steps → final model.
+
+Read top to bottom; each backend's differences live in its adapter (fsam_dist/shards).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError
+from . import checkpoint, distributed
+from .backends import build_backend, preflight, resolve_backend
+from .batches import GlobalBatches
+from .loss import count_target_tokens, seq2seq_loss_sum
+from .step import train_step
+
+log = logging.getLogger("fsam_dist")
+
+
+class TooManySkippedSteps(RuntimeError):
+    """Training stopped: every step of a long stretch was non-finite."""
+
+
+def prepare(cfg: Config):
+    """Everything that can fail on bad input, before any process group starts."""
+    from ..seq2seq.data import load_examples, tokenize_examples
+    from ..seq2seq.model import load_model_and_tokenizer
+
+    env = distributed.detect_env()
+    name = resolve_backend(cfg, env)
+    ds_config = preflight(cfg, env, name)
+    global_batch = cfg.train.micro_batch_size * env.world_size * cfg.train.grad_accum_steps
+    try:
+        model, tokenizer = load_model_and_tokenizer(cfg.model.name_or_path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name_or_path: {err}") from None
+    try:
+        examples, report = load_examples(cfg.data.train_file, "train", source_field=cfg.data.source_field,
+                                         target_field=cfg.data.target_field, prefix=cfg.data.prefix,
+                                         max_examples=cfg.data.max_train_examples, seed=0)
+        features = tokenize_examples(examples, tokenizer, cfg.data.max_source_length, cfg.data.max_target_length,
+                                     report)
+    except (OSError, ValueError, ImportError) as err:
+        raise ConfigError(f"data.train_file: {err}") from None
+    if len(features) < env.world_size:
+        raise ConfigError(f"data.train_file: {len(features)} usable example(s) for {env.world_size} processes; "
+                          "give it more data or start fewer processes")
+    resume_from = _resume_path(cfg, Path(cfg.train.output_dir))
+    return env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from
+
+
+def run(cfg: Config) -> Path:
+    """Train; returns the final model directory. Every rank calls it."""
+    output_dir = Path(cfg.train.output_dir)
+    env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from = prepare(cfg)
+    is_main = env.rank == 0
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format=f"[rank {env.rank}] %(message)s")
+    distributed.init(env, cfg.backend.dist_backend, cfg.backend.timeout_minutes, use_deepspeed=name == "deepspeed")
+    try:
+        return _train(cfg, env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from,
+                      output_dir, is_main)
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg, env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from, output_dir,
+           is_main) -> Path:
+    from ..seq2seq.data import collate
+
+    torch.manual_seed(cfg.train.seed)
+    device = distributed.device_for(env)
+    model.to(device)
+    model.train()
+    backend = build_backend(name, cfg, env, model, device, ds_config)
+    fsam = cfg.fsam.build()
+    batches = GlobalBatches(len(features), global_batch, cfg.data.shuffle, cfg.train.seed)
+    pad_id = tokenizer.pad_token_id
+
+    start_step = 0
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, backend, fsam, env.rank, env.world_size, name)
+        start_step = state["step"]
+        log.info("resumed from %s at step %d", resume_from, start_step)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(output_dir / "metrics.jsonl", start_step)
+        (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+        (output_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        log.info("%s; backend %s, %d process(es), global batch %d", report.summary(), name, env.world_size,
+                 global_batch)
+
+    def micro_batches(step: int) -> list[dict]:
+        groups = batches.rank_micro_batches(step, env.rank, env.world_size, cfg.train.grad_accum_steps)
+        return [{k: v.to(device) for k, v in collate([features[i] for i in g], pad_id).items()} for g in groups]
+
+    def fisher_examples():
+        # The same single examples on every rank (a seeded sample of the training set).
+        g = torch.Generator().manual_seed(cfg.train.seed + 7)
+        picks = torch.randperm(len(features), generator=g)[:cfg.fsam.fisher_samples].tolist()
+        return [{k: v.to(device) for k, v in collate([features[i]], pad_id).items()} for i in picks]
+
+    metrics = open(output_dir / "metrics.jsonl", "a") if is_main else None
+    bar = _progress(is_main, start_step, cfg.train.max_steps, name)
+    consecutive_skips = 0
+    try:
+        for step in range(start_step, cfg.train.max_steps):
+            t0 = time.perf_counter()
+            stats = train_step(backend, seq2seq_loss_sum, micro_batches(step), step=step,
+                               count_targets=count_target_tokens, fsam=fsam,
+                               clip_grad_norm=cfg.optim.clip_grad_norm, same_dropout=cfg.fsam.same_dropout,
+                               fisher_examples=fisher_examples)
+            elapsed = time.perf_counter() - t0
+            consecutive_skips = consecutive_skips + 1 if stats["skipped"] else 0
+            record = {"step": step + 1, "epoch": round(batches.epoch_of(step + 1), 4), "lr": backend.current_lr(),
+                      **stats, "step_time": elapsed, "target_tokens_per_s": stats["targets"] / elapsed}
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if bar is not None:
+                bar.update(1)
+                if (step + 1) % cfg.train.log_every == 0 or step == start_step:
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", skipped=stats["skipped"],
+                                    tok_s=f"{record['target_tokens_per_s']:.0f}")
+            if consecutive_skips >= cfg.train.max_consecutive_skips:
+                raise TooManySkippedSteps(f"{consecutive_skips} consecutive steps had NaN/inf gradients or loss "
+                                          f"(last: step {step + 1}); lower optim.lr or check the data "
+                                          "(train.max_consecutive_skips)")
+            if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.max_steps:
+                checkpoint.save(output_dir, step + 1, backend, fsam, _trainer_state(cfg, env, name, step + 1),
+                                env.rank, cfg.train.keep_last_n)
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics is not None:
+            metrics.close()
+    if cfg.train.save_every:
+        checkpoint.save(output_dir, cfg.train.max_steps, backend, fsam,
+                        _trainer_state(cfg, env, name, cfg.train.max_steps), env.rank, cfg.train.keep_last_n)
+    return save_final(output_dir, backend, model, tokenizer, is_main)
+
+
+def save_final(output_dir: Path, backend, model, tokenizer, is_main: bool) -> Path:
+    """Consolidated Hugging Face model (safetensors) + tokenizer in ``final/``, written by rank 0
+    into a temporary directory and renamed, so a crash never leaves a half-written final/."""
+    state_dict = backend.full_state_dict()   # collective
+    final, tmp = output_dir / "final", output_dir / ".tmp-final"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        module = getattr(model, "module", model)
+        module.save_pretrained(tmp, state_dict={k: v.detach().cpu().float() if v.is_floating_point() else v.cpu()
+                                                for k, v in state_dict.items()}, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        log.info("final model written to %s", final)
+    distributed.barrier()
+    return final
+
+
+def _resume_path(cfg: Config, output_dir: Path) -> Path | None:
+    resume = cfg.train.resume
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return checkpoint.latest_checkpoint(output_dir)
+    path = Path(resume)
+    if not (path / checkpoint.COMPLETE).is_file():
+        raise ConfigError(f"train.resume: {path} is not a complete checkpoint directory (no COMPLETE marker)")
+    return path
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records after the step we resume from (they are about to be recomputed)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _trainer_state(cfg: Config, env, name: str, step: int) -> dict:
+    return {"step": step, "world_size": env.world_size, "backend": name, "config": cfg.model_dump()}
+
+
+def _progress(is_main: bool, start: int, total: int, name: str):
+    if not is_main:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=f"train ({name})", unit="step", dynamic_ncols=True)

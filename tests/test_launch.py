@@ -1,0 +1,127 @@
+"""launch/train.py end to end: one process, torchrun DDP, resume, and bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+
+from .launching import BIN, PYTHON, REPO, assert_weights_close, check, final_weights, launch, write_config
+
+TRAIN = str(REPO / "launch" / "train.py")
+
+
+def _load_main():
+    spec = importlib.util.spec_from_file_location("launch_train", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, tiny_t5_dir, tiny_data):
+    """The single-process reference: 10 steps, global batch 8, mask refresh every 4."""
+    root = tmp_path_factory.mktemp("single")
+    cfg = write_config(root / "cfg.yaml", tiny_t5_dir, tiny_data, root / "out",
+                       train={"micro_batch_size": 8, "save_every": 5})
+    check(launch([PYTHON, TRAIN, "--config", str(cfg)]))
+    return root / "out"
+
+
+@pytest.mark.slow
+def test_single_process_run_writes_metrics_checkpoints_and_final(single_run):
+    records = [json.loads(line) for line in (single_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert all(r["skipped"] == 0 and r["perturbed_loss"] >= 0 for r in records)
+    assert sum(r.get("mask_refreshed", 0) for r in records) == 3          # steps 0, 4, 8
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert (single_run / "final" / "model.safetensors").is_file()
+    assert (single_run / "final" / "tokenizer_config.json").is_file()
+    steps = sorted(p.name for p in (single_run / "checkpoints").iterdir())
+    assert steps == ["step-10", "step-5"]
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_with_accumulation_equals_one_process(single_run, tmp_path, tiny_t5_dir, tiny_data):
+    """2 ranks × 2 micro-batches of 2 == one process with micro-batch 8 (global batch 8)."""
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_t5_dir, tiny_data, tmp_path / "out",
+                       train={"micro_batch_size": 2, "grad_accum_steps": 2}, backend={"name": "ddp"})
+    check(launch([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", TRAIN, "--config", str(cfg)]))
+    worst = assert_weights_close(final_weights(tmp_path / "out"), final_weights(single_run))
+    print(f"DDP vs one process: max abs weight difference {worst:.2e}")
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(single_run, tmp_path):
+    """Delete what came after step 5 and resume: the same final weights as the uninterrupted run."""
+    run = tmp_path / "out"
+    shutil.copytree(single_run, run)
+    reference = final_weights(single_run)
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step-10")
+    # a half-written newer checkpoint (crash mid-write) must be ignored by resume: auto
+    (run / "checkpoints" / ".tmp-step-8" / "backend").mkdir(parents=True)
+    (run / "checkpoints" / "step-9").mkdir()          # renamed but without COMPLETE: ignored too
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["output_dir"] = str(run)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(json.dumps(config))
+    result = check(launch([PYTHON, TRAIN, "--config", str(cfg)]))
+    assert "resumed from" in result.stderr and "step-5" in result.stderr
+    assert_weights_close(final_weights(run), reference, rtol=1e-6, atol=1e-7)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda c: c["train"].update(max_step=3), "train.max_step: unknown key"),
+    (lambda c: c["train"].update(max_steps="ten"), "train.max_steps"),
+    (lambda c: c["fsam"].update(keep_ratio=2), "fsam.keep_ratio"),
+    (lambda c: c["model"].update(name_or_path="/nonexistent/model"), "/nonexistent/model"),
+    (lambda c: c["data"].update(train_file="/nonexistent/train.jsonl"), "/nonexistent/train.jsonl"),
+    (lambda c: c["backend"].update(name="deepspeed", deepspeed_config="configs/deepspeed/zero2.json"),
+     "needs a distributed launcher"),
+    (lambda c: c["backend"].update(name="ddp"), "needs a distributed launcher"),
+    (lambda c: c.pop("model"), "model: Field required"),
+])
+def test_bad_config_is_one_clear_error(tmp_path, tiny_t5_dir, tiny_data, capsys, monkeypatch, mutate, needle):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    cfg_path = write_config(tmp_path / "cfg.yaml", tiny_t5_dir, tiny_data, tmp_path / "out")
+    import yaml
+
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg.setdefault("backend", {})
+    mutate(cfg)
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert _load_main()(["--config", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert not (tmp_path / "out").exists(), "a failed start must not leave an output directory"
+
+
+def test_deepspeed_json_disagreeing_with_train_is_an_error(tmp_path, tiny_t5_dir, tiny_data, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 16,
+                              "gradient_clipping": 1.0}))
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_t5_dir, tiny_data, tmp_path / "out",
+                       backend={"name": "deepspeed", "deepspeed_config": str(ds)})
+    assert _load_main()(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "train_micro_batch_size_per_gpu = 16 disagrees with train.micro_batch_size = 4" in err, err
+
+
+def test_overrides_and_unknown_override(tmp_path, tiny_t5_dir, tiny_data):
+    from fsam_dist.config import ConfigError, load_config
+
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_t5_dir, tiny_data, tmp_path / "out")
+    loaded = load_config(cfg, ["fsam.rho=0.1", "train.max_steps=3", "fsam.exclude=[bias]"])
+    assert (loaded.fsam.rho, loaded.train.max_steps, loaded.fsam.exclude) == (0.1, 3, ["bias"])
+    with pytest.raises(ConfigError, match="fsam.rhoo: unknown key"):
+        load_config(cfg, ["fsam.rhoo=0.1"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(cfg, ["fsam.rho"])
