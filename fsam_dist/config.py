@@ -234,6 +234,8 @@ class TrainConfig(_Section):
     """auto (newest complete checkpoint in output_dir, if any), none, or a checkpoint directory."""
     eval_every: int = Field(0, ge=0)
     """Generation-based evaluation every N steps (0 = only at the end, if eval data exists)."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to output_dir/tensorboard (needs the tensorboard package)."""
     max_consecutive_skips: int = Field(20, ge=1)
     """Stop with an error after this many consecutive skipped (non-finite) steps."""
 
@@ -242,16 +244,21 @@ class EvalConfig(_Section):
     """Generation-based evaluation."""
 
     enabled: bool = True
-    """Evaluate at eval_every and at the end when validation data exists."""
+    """Evaluate at train.eval_every and at the end when validation data exists (data.eval_file,
+    or the validation split of a builtin: corpus)."""
+    at_start: bool = False
+    """Also evaluate the model before the first step (the untrained baseline)."""
     batch_size: int = Field(16, ge=1)
     """Generation batch size per rank."""
     max_new_tokens: int = Field(64, ge=1)
     """Longest generated output."""
     num_beams: int = Field(1, ge=1)
     """1 = greedy."""
-    task: str | None = None
-    """Metric family: null (exact match, chrF, BLEU), 'g2p' (+ phoneme/word error rate),
-    'summarization' (+ ROUGE)."""
+    task: Literal["auto", "generic", "g2p", "gec", "translation"] = "auto"
+    """Metric family: auto (from a builtin: corpus, else generic). Every family reports exact
+    match, BLEU, chrF, ROUGE-1/2/L and WER; 'g2p' adds the phoneme error rate."""
+    max_source_length: int | None = None
+    """Truncate sources for generation (null = data.max_source_length)."""
 
 
 class Config(_Section):

@@ -85,6 +85,11 @@ class Backend:
         Every rank calls it."""
         raise NotImplementedError
 
+    def full_weights_module(self) -> torch.nn.Module | None:
+        """The plain module if every rank holds its complete current weights (for generation),
+        else None (then evaluation gathers :meth:`full_state_dict`)."""
+        return None
+
     def full_state_dict(self) -> dict | None:
         """The module's complete ``state_dict`` (fp32 masters where they exist) on rank 0, None on
         the other ranks. A collective where parameters are sharded: every rank calls it."""

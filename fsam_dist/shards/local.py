@@ -98,6 +98,9 @@ class LocalBackend(Backend):
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
 
+    def full_weights_module(self) -> torch.nn.Module:
+        return self.module
+
     def full_state_dict(self) -> dict | None:
         if self.rank != 0:
             return None

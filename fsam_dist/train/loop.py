@@ -18,7 +18,9 @@ from ..config import Config, ConfigError
 from . import checkpoint, distributed
 from .backends import build_backend, preflight, resolve_backend
 from .batches import GlobalBatches
+from .evaluate import evaluate
 from .loss import count_target_tokens, seq2seq_loss_sum
+from .metrics import MetricsLogger, truncate_after
 from .step import train_step
 
 log = logging.getLogger("fsam_dist")
@@ -49,30 +51,31 @@ def prepare(cfg: Config):
                                      report)
     except (OSError, ValueError, ImportError) as err:
         raise ConfigError(f"data.train_file: {err}") from None
+    eval_examples = _eval_examples(cfg, load_examples)
     if len(features) < env.world_size:
         raise ConfigError(f"data.train_file: {len(features)} usable example(s) for {env.world_size} processes; "
                           "give it more data or start fewer processes")
     resume_from = _resume_path(cfg, Path(cfg.train.output_dir))
-    return env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from
+    return env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from, eval_examples
 
 
 def run(cfg: Config) -> Path:
     """Train; returns the final model directory. Every rank calls it."""
     output_dir = Path(cfg.train.output_dir)
-    env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from = prepare(cfg)
+    env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from, eval_examples = prepare(cfg)
     is_main = env.rank == 0
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format=f"[rank {env.rank}] %(message)s")
     distributed.init(env, cfg.backend.dist_backend, cfg.backend.timeout_minutes, use_deepspeed=name == "deepspeed")
     try:
         return _train(cfg, env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from,
-                      output_dir, is_main)
+                      eval_examples, output_dir, is_main)
     finally:
         distributed.shutdown()
 
 
-def _train(cfg, env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from, output_dir,
-           is_main) -> Path:
+def _train(cfg, env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from, eval_examples,
+           output_dir, is_main) -> Path:
     from ..seq2seq.data import collate
 
     torch.manual_seed(cfg.train.seed)
@@ -91,7 +94,7 @@ def _train(cfg, env, name, ds_config, model, tokenizer, features, report, global
         log.info("resumed from %s at step %d", resume_from, start_step)
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(output_dir / "metrics.jsonl", start_step)
+        truncate_after(output_dir / "metrics.jsonl", start_step)
         (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
         (output_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
         log.info("%s; backend %s, %d process(es), global batch %d", report.summary(), name, env.world_size,
@@ -107,7 +110,18 @@ def _train(cfg, env, name, ds_config, model, tokenizer, features, report, global
         picks = torch.randperm(len(features), generator=g)[:cfg.fsam.fisher_samples].tolist()
         return [{k: v.to(device) for k, v in collate([features[i]], pad_id).items()} for i in picks]
 
-    metrics = open(output_dir / "metrics.jsonl", "a") if is_main else None
+    metrics = MetricsLogger(output_dir, is_main, cfg.train.tensorboard)
+
+    def run_eval(step: int) -> None:
+        if not eval_examples:
+            return
+        scores = evaluate(backend, model, tokenizer, eval_examples, cfg, step, output_dir, is_main)
+        metrics.write({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
+        if is_main:
+            log.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+
+    if cfg.eval.at_start and start_step == 0:
+        run_eval(0)
     bar = _progress(is_main, start_step, cfg.train.max_steps, name)
     consecutive_skips = 0
     try:
@@ -121,9 +135,7 @@ def _train(cfg, env, name, ds_config, model, tokenizer, features, report, global
             consecutive_skips = consecutive_skips + 1 if stats["skipped"] else 0
             record = {"step": step + 1, "epoch": round(batches.epoch_of(step + 1), 4), "lr": backend.current_lr(),
                       **stats, "step_time": elapsed, "target_tokens_per_s": stats["targets"] / elapsed}
-            if metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+            metrics.write(record)
             if bar is not None:
                 bar.update(1)
                 if (step + 1) % cfg.train.log_every == 0 or step == start_step:
@@ -133,17 +145,22 @@ def _train(cfg, env, name, ds_config, model, tokenizer, features, report, global
                 raise TooManySkippedSteps(f"{consecutive_skips} consecutive steps had NaN/inf gradients or loss "
                                           f"(last: step {step + 1}); lower optim.lr or check the data "
                                           "(train.max_consecutive_skips)")
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.max_steps:
+                run_eval(step + 1)
             if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.max_steps:
                 checkpoint.save(output_dir, step + 1, backend, fsam, _trainer_state(cfg, env, name, step + 1),
                                 env.rank, cfg.train.keep_last_n)
+        if bar is not None:
+            bar.close()
+            bar = None
+        run_eval(cfg.train.max_steps)
+        if cfg.train.save_every:
+            checkpoint.save(output_dir, cfg.train.max_steps, backend, fsam,
+                            _trainer_state(cfg, env, name, cfg.train.max_steps), env.rank, cfg.train.keep_last_n)
     finally:
         if bar is not None:
             bar.close()
-        if metrics is not None:
-            metrics.close()
-    if cfg.train.save_every:
-        checkpoint.save(output_dir, cfg.train.max_steps, backend, fsam,
-                        _trainer_state(cfg, env, name, cfg.train.max_steps), env.rank, cfg.train.keep_last_n)
+        metrics.close()
     return save_final(output_dir, backend, model, tokenizer, is_main)
 
 
@@ -178,12 +195,20 @@ def _resume_path(cfg: Config, output_dir: Path) -> Path | None:
     return path
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records after the step we resume from (they are about to be recomputed)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+def _eval_examples(cfg: Config, load_examples) -> list[dict]:
+    """Validation examples (data.eval_file, or a builtin corpus's validation split), or []."""
+    if not cfg.eval.enabled:
+        return []
+    spec = cfg.data.eval_file or (cfg.data.train_file if cfg.data.train_file.startswith("builtin:") else None)
+    if spec is None:
+        return []
+    try:
+        examples, _ = load_examples(spec, "validation", source_field=cfg.data.source_field,
+                                    target_field=cfg.data.target_field, prefix=cfg.data.prefix,
+                                    max_examples=cfg.data.max_eval_examples, seed=0)
+    except (OSError, ValueError, ImportError) as err:
+        raise ConfigError(f"data.eval_file: {err}") from None
+    return examples
 
 
 def _trainer_state(cfg: Config, env, name: str, step: int) -> dict:
