@@ -125,3 +125,27 @@ def test_overrides_and_unknown_override(tmp_path, tiny_t5_dir, tiny_data):
         load_config(cfg, ["fsam.rhoo=0.1"])
     with pytest.raises(ConfigError, match="expected key.path=value"):
         load_config(cfg, ["fsam.rho"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_checkpoint_is_skipped_with_a_warning(single_run, tmp_path, damage, caplog):
+    from fsam_dist.train import checkpoint
+
+    run = tmp_path / "out"
+    shutil.copytree(single_run, run)
+    newest = run / "checkpoints" / "step-10"
+    target = next(p for p in sorted(newest.rglob("*.pt")))
+    if damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:-100])
+    else:
+        target.unlink()
+    with caplog.at_level("WARNING", logger="fsam_dist"):
+        chosen = checkpoint.latest_checkpoint(run)
+    assert chosen == run / "checkpoints" / "step-5"
+    assert target.name in caplog.text and "skipping damaged checkpoint" in caplog.text
+    assert checkpoint.verify(run / "checkpoints" / "step-5") is None

@@ -5,17 +5,22 @@ Layout of a complete checkpoint::
     checkpoints/step-N/
         backend/          the backend's own state (DeepSpeed engine / DCP / torch.save)
         rank-R.pt         per rank: FSAM state (mask shards), RNG state (weights_only-loadable)
+        manifest.json     size and SHA-256 of every file above
         trainer.json      step, world size, backend, config
         COMPLETE          written last, before the rename
 
 Everything is written into ``checkpoints/.tmp-step-N/`` and renamed by rank 0 after a barrier,
-so a crash mid-write leaves only a ``.tmp-*`` directory, which ``resume: auto`` ignores. The
-weights are always saved unperturbed: checkpoints are taken between steps, after the restore.
+so a crash mid-write leaves only a ``.tmp-*`` directory, which ``resume: auto`` ignores. A
+complete checkpoint whose files no longer match the manifest (truncated, bytes flipped, file
+missing) is skipped with a warning naming the file, and the previous one is used. The weights
+are always saved unperturbed: checkpoints are taken between steps, after the restore.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +30,8 @@ import torch
 
 from . import distributed
 
+log = logging.getLogger("fsam_dist")
+MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 COMPLETE = "COMPLETE"
 
@@ -41,9 +48,45 @@ def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(root: Path) -> dict:
+    return {str(p.relative_to(root)): [p.stat().st_size, _sha256(p)]
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (MANIFEST, COMPLETE, "trainer.json")}
+
+
+def verify(path: Path) -> str | None:
+    """None if every file listed in the manifest is present with its size and SHA-256, else what is wrong."""
+    try:
+        expected = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return f"{path / MANIFEST}: unreadable ({err})"
+    for name, (size, digest) in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file}: missing"
+        if file.stat().st_size != size:
+            return f"{file}: {file.stat().st_size} bytes, expected {size} (truncated?)"
+        if _sha256(file) != digest:
+            return f"{file}: checksum mismatch (corrupted)"
+    return None
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = complete_checkpoints(output_dir)
-    return found[-1][1] if found else None
+    """The newest complete checkpoint whose files match its manifest; damaged ones are skipped
+    with a warning naming the bad file."""
+    for _, path in reversed(complete_checkpoints(output_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning("skipping damaged checkpoint %s: %s", path, problem)
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -68,6 +111,7 @@ def save(output_dir: str | Path, step: int, backend, fsam, trainer_state: dict, 
     torch.save(rank_state, tmp / f"rank-{rank}.pt")
     distributed.barrier()
     if rank == 0:
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1))
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2, default=str))
         (tmp / COMPLETE).write_text("")
         _fsync_dir(tmp)

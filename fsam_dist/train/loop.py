@@ -87,6 +87,7 @@ def _train(cfg, env, name, ds_config, model, tokenizer, features, report, global
     batches = GlobalBatches(len(features), global_batch, cfg.data.shuffle, cfg.train.seed)
     pad_id = tokenizer.pad_token_id
 
+    _agree_on_checkpoint(resume_from)
     start_step = 0
     if resume_from is not None:
         state = checkpoint.load(resume_from, backend, fsam, env.rank, env.world_size, name)
@@ -192,6 +193,9 @@ def _resume_path(cfg: Config, output_dir: Path) -> Path | None:
     path = Path(resume)
     if not (path / checkpoint.COMPLETE).is_file():
         raise ConfigError(f"train.resume: {path} is not a complete checkpoint directory (no COMPLETE marker)")
+    problem = checkpoint.verify(path)
+    if problem is not None:
+        raise ConfigError(f"train.resume: checkpoint {path} is damaged: {problem}")
     return path
 
 
@@ -209,6 +213,20 @@ def _eval_examples(cfg: Config, load_examples) -> list[dict]:
     except (OSError, ValueError, ImportError) as err:
         raise ConfigError(f"data.eval_file: {err}") from None
     return examples
+
+
+def _agree_on_checkpoint(path: Path | None) -> None:
+    """Every rank chose its checkpoint alone (before the process group); make sure they agree,
+    e.g. that no node sees a different file system."""
+    if not torch.distributed.is_initialized():
+        return
+    from ..core import all_reduce
+
+    step = -1 if path is None else int(path.name.split("-")[-1])
+    low, high = (all_reduce(torch.tensor([s], dtype=torch.int64), "max")[0] for s in (-step, step))
+    if -low != high:
+        raise RuntimeError(f"ranks chose different checkpoints to resume from (steps {-low} … {high}); "
+                           "is train.output_dir on a file system every node shares?")
 
 
 def _trainer_state(cfg: Config, env, name: str, step: int) -> dict:
