@@ -152,4 +152,4 @@ def test_collective_count_does_not_grow_with_n():
     for counts in per_rank:
         assert len(set(counts)) == 1, f"collectives vary with N: {counts}"
         number, elements = counts[0]
-        assert number == 7 and elements <= 7 * 4098, counts
+        assert number == 8 and elements <= 8 * 4096, counts

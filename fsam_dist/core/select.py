@@ -5,28 +5,39 @@ ties broken by lower global position, i.e. the first ``k`` of a *stable descendi
 scores laid out in global-position order. It never gathers scores: it is a radix select.
 
 Algorithm. A non-negative fp32 ``x`` orders like its bit pattern read as an integer, so the k-th
-largest score is found digit by digit on the 31 bits below the sign bit:
+largest score is found digit by digit on its bits:
 
-1. Histogram the top 11 bits of every local score (one pass), all-reduce the 2048 counts, and
-   walk them from the top: the bucket where the running count reaches ``k`` holds the k-th
-   largest. Entries in higher buckets are in the answer; entries in that bucket are candidates.
-2. Repeat on the candidates only with the next 10 bits, then the last 10: the threshold value
-   ``T`` is now known exactly, with how many entries lie above it and how many equal it.
-3. If more entries equal ``T`` than are still needed, run the same select on the tied entries'
+1. One pass over every local score histograms its high 16 bits (a strided int16 view of the
+   fp32 tensor: no copy, no shift) into 32768 local bins. These are folded into 2048 bins
+   (the top 11 bits) and all-reduced; walking them from the top finds the bucket holding the
+   k-th largest. The 16 local sub-bins of that bucket are all-reduced next (no pass over the
+   data): the high 16 bits ``P`` of the k-th largest are now known.
+2. Entries with high bits > ``P`` are in the answer (one compare pass); those equal to ``P`` are
+   the only candidates. Two more rounds (8 + 8 bits) over the candidates' low 16 bits find the
+   threshold ``T`` exactly, with how many entries lie above it and how many equal it.
+3. If more entries equal ``T`` than are still needed, the same select runs on the tied entries'
    global positions (48 bits, four 12-bit rounds) to keep the lowest ones.
 
-At most 1 + 2 + 4 = 7 all-reduces of at most 4098 int64 each, whatever the number of entries or
-``k``; the first one also carries the invalid-input counts, so every rank raises together.
+At most 2 + 2 + 4 = 8 all-reduces of at most 4096 int64 each, whatever the number of entries or
+``k``; the first one also carries the invalid-input counts, so every rank raises together. Only
+three light passes read all N entries (min/max, histogram, compare); everything after the first
+round touches the candidates alone.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
 from .comm import all_reduce
 
-VALUE_DIGITS = (11, 10, 10)
-"""Bits examined per round of the value select (31 bits: the sign bit of a valid score is 0)."""
+HIGH_BINS = 1 << 15
+"""Local histogram bins over the high 16 bits of a non-negative fp32 (sign bit 0)."""
+COARSE = 16
+"""High-16-bit bins per all-reduced coarse bucket (2048 buckets = the top 11 bits)."""
+LOW_DIGITS = (8, 8)
+"""Rounds over the candidates' low 16 bits."""
 POSITION_BITS = 48
 """Global positions must lie below 2**48 (2.8e14 entries)."""
 POSITION_DIGITS = (12, 12, 12, 12)
@@ -57,92 +68,112 @@ def global_topk_mask(scores: list[torch.Tensor], positions: list[int], k: int,
         raise ValueError("global_topk_mask: scores must be floating-point tensors")
 
     flat = [s.detach().reshape(-1).to(torch.float32) for s in scores]
-    keys = [f.view(torch.int32) for f in flat]
 
     # Invalid entries are counted locally and all-reduced with the first histogram, so that a
     # bad value on one rank makes every rank raise instead of leaving the others in a collective.
-    invalid = 0
-    for f in flat:
+    invalid = []
+    for i, f in enumerate(flat):
+        bad = False
         if f.numel():
             low, high = torch.aminmax(f)
-            invalid += int(bool(low < 0) or not bool(torch.isfinite(high)))
+            bad = bool(low < 0) or not bool(torch.isfinite(high))
+            if not bad and low == 0:
+                flat[i] = f = f.abs()   # -0.0 would read as a negative integer; make it +0.0
+        invalid.append(bad)
     bad_positions = sum(int(p < 0 or p + f.numel() > 2 ** POSITION_BITS) for p, f in zip(positions, flat))
-    extra = torch.tensor([invalid, bad_positions], dtype=torch.int64)
-
-    result = _radix_topk(keys, k, VALUE_DIGITS, group, extra)
-    invalid_total, bad_positions_total = (int(v) for v in result.extra)
+    high16 = [_high_half(f) for f in flat]
+    local = torch.zeros(HIGH_BINS, dtype=torch.int64)
+    for h, bad in zip(high16, invalid):
+        if h.numel() and not bad:
+            local += torch.bincount(h, minlength=HIGH_BINS).cpu()
+    coarse = local.view(-1, COARSE).sum(1)
+    reduced = all_reduce(torch.cat([coarse, torch.tensor([sum(invalid), bad_positions])]), "sum", group)
+    coarse, (invalid_total, bad_positions_total) = reduced[:-2], reduced[-2:].tolist()
     if invalid_total:
         raise ValueError(f"global_topk_mask: {invalid_total} score tensor(s) across the group hold NaN, "
                          "inf or negative entries; scores must be finite and non-negative")
     if bad_positions_total:
         raise ValueError(f"global_topk_mask: global positions must lie in [0, 2**{POSITION_BITS})")
+    total = int(coarse.sum())
+    if k == 0 or k >= total:   # decided on reduced values, so every rank returns here together
+        return [torch.full(s.shape, k > 0, dtype=torch.bool, device=s.device) for s in scores]
 
-    masks = result.selected
+    bucket, needed = _walk(coarse, k)
+    fine = all_reduce(local[bucket * COARSE:(bucket + 1) * COARSE].clone(), "sum", group)
+    sub, needed = _walk(fine, needed)
+    prefix = bucket * COARSE + sub
+    masks = [h > prefix for h in high16]
+    candidates = [torch.nonzero(h == prefix).reshape(-1) for h in high16]
+    lows = [f.view(torch.int32)[idx] & 0xFFFF for f, idx in zip(flat, candidates)]
+    result = _radix_topk(lows, needed, LOW_DIGITS, group)
+    tie_indices = []
+    for mask, idx, above, ties in zip(masks, candidates, result.selected, result.tie_indices):
+        mask[idx[above]] = True
+        tie_indices.append(idx[ties])
+
     if result.ties_needed and result.ties_needed < result.ties_total:
         # Keep the lowest global positions among the tied entries: the k largest of
         # (2**48 - 1 - position), which are unique, so no ties remain after this select.
-        tie_keys = [(2 ** POSITION_BITS - 1) - (p + idx) for p, idx in zip(positions, result.tie_indices)]
+        tie_keys = [(2 ** POSITION_BITS - 1) - (p + idx) for p, idx in zip(positions, tie_indices)]
         tie_result = _radix_topk(tie_keys, result.ties_needed, POSITION_DIGITS, group)
-        for mask, idx, chosen, last in zip(masks, result.tie_indices, tie_result.selected,
-                                           tie_result.tie_indices):
+        for mask, idx, chosen, last in zip(masks, tie_indices, tie_result.selected, tie_result.tie_indices):
             mask[idx[chosen]] = True
             mask[idx[last]] = True   # the k-th entry itself (positions are unique)
     elif result.ties_needed:
-        for mask, idx in zip(masks, result.tie_indices):
+        for mask, idx in zip(masks, tie_indices):
             mask[idx] = True
     return [m.view(s.shape) for m, s in zip(masks, scores)]
+
+
+def _high_half(f: torch.Tensor) -> torch.Tensor:
+    """The high 16 bits of each fp32 as int16: a strided view, no copy (non-negative for x >= +0)."""
+    halves = f.view(torch.int16)
+    return halves[1::2] if sys.byteorder == "little" else halves[0::2]
+
+
+def _walk(histogram: torch.Tensor, needed: int) -> tuple[int, int]:
+    """The bucket holding the ``needed``-th largest entry (count(>b) < needed <= count(>=b)), and
+    how many are still needed inside it."""
+    from_top = histogram.flip(0).cumsum(0)
+    step = int(torch.searchsorted(from_top, torch.tensor(needed), right=False))
+    return histogram.numel() - 1 - step, needed - (int(from_top[step - 1]) if step > 0 else 0)
 
 
 class _RadixResult:
     """Outcome of one radix select: entries strictly above the k-th key, and the tied ones."""
 
-    def __init__(self, selected, tie_indices, ties_needed, ties_total, extra):
+    def __init__(self, selected, tie_indices, ties_needed, ties_total):
         self.selected = selected          # bool mask per piece: keys strictly above the threshold
         self.tie_indices = tie_indices    # int64 indices per piece of keys equal to the threshold
         self.ties_needed = ties_needed    # how many tied entries complete the top k (global)
         self.ties_total = ties_total      # how many entries equal the threshold (global)
-        self.extra = extra                # the reduced ``extra`` counts
 
 
-def _radix_topk(keys: list[torch.Tensor], k: int, digits: tuple[int, ...], group,
-                extra: torch.Tensor | None = None) -> _RadixResult:
+def _radix_topk(keys: list[torch.Tensor], k: int, digits: tuple[int, ...], group) -> _RadixResult:
     """Radix select of the k-th largest of non-negative integer keys (``sum(digits)`` bits).
 
     The first round reads every key; later rounds read only the candidates left in the chosen
-    bucket. One all-reduce per round; ``extra`` rides along with the first.
+    bucket. One all-reduce per round.
     """
-    extra = torch.zeros(0, dtype=torch.int64) if extra is None else extra
     selected = [torch.zeros(key.numel(), dtype=torch.bool, device=key.device) for key in keys]
     candidates: list[torch.Tensor | None] = [None] * len(keys)   # None: every entry of the piece
-    needed, shift = k, sum(digits)
+    needed, shift, ties_total = k, sum(digits), 0
     for round_index, width in enumerate(digits):
         shift -= width
         buckets = 1 << width
         piece_digits = []
         histogram = torch.zeros(buckets, dtype=torch.int64)
         for key, cand in zip(keys, candidates):
-            sub = key if cand is None else key[cand]
-            # The mask also folds -0.0 (sign bit set) into the bucket of +0.0.
-            d = (sub >> shift) & (buckets - 1)
+            d = ((key if cand is None else key[cand]) >> shift) & (buckets - 1)
             piece_digits.append(d)
             if d.numel():
                 histogram += torch.bincount(d, minlength=buckets).cpu()
-        reduced = all_reduce(torch.cat([histogram, extra]) if round_index == 0 else histogram, "sum", group)
-        histogram = reduced[:buckets]
-        if round_index == 0:
-            extra = reduced[buckets:]
-            total = int(histogram.sum())
-            if extra.any() or needed == 0 or needed >= total:
-                # Decided on reduced values only, so every rank leaves here together.
-                if needed >= total and not extra.any():
-                    selected = [torch.ones_like(s) for s in selected]
-                empty = [torch.zeros(0, dtype=torch.int64, device=key.device) for key in keys]
-                return _RadixResult(selected, empty, 0, 0, extra)
-        # Bucket b holds the k-th largest when count(>b) < needed <= count(>=b).
-        from_top = histogram.flip(0).cumsum(0)
-        step = int(torch.searchsorted(from_top, torch.tensor(needed), right=False))
-        bucket = buckets - 1 - step
-        needed -= int(from_top[step - 1]) if step > 0 else 0
+        histogram = all_reduce(histogram, "sum", group)
+        if round_index == 0 and needed >= int(histogram.sum()):
+            # Decided on reduced values only, so every rank leaves here together.
+            empty = [torch.zeros(0, dtype=torch.int64, device=key.device) for key in keys]
+            return _RadixResult([torch.ones_like(s) for s in selected], empty, 0, 0)
+        bucket, needed = _walk(histogram, needed)
         for i, (d, cand) in enumerate(zip(piece_digits, candidates)):
             if cand is None:
                 selected[i] |= d > bucket
@@ -151,4 +182,4 @@ def _radix_topk(keys: list[torch.Tensor], k: int, digits: tuple[int, ...], group
                 selected[i][cand[d > bucket]] = True
                 candidates[i] = cand[d == bucket]
         ties_total = int(histogram[bucket])
-    return _RadixResult(selected, candidates, needed, ties_total, extra)
+    return _RadixResult(selected, candidates, needed, ties_total)
