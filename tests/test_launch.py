@@ -54,6 +54,19 @@ def test_torchrun_ddp_with_accumulation_equals_one_process(single_run, tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("variant", ["fsdp2", "fsdp1"])
+def test_accelerate_fsdp_equals_one_process(single_run, tmp_path, tiny_t5_dir, tiny_data, variant):
+    """accelerate launch with our FSDP yaml: 2 ranks × 2 micro-batches == one process (with checkpoints)."""
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_t5_dir, tiny_data, tmp_path / "out",
+                       train={"micro_batch_size": 2, "grad_accum_steps": 2, "save_every": 5})
+    check(launch([str(BIN / "accelerate"), "launch", "--config_file", f"configs/accelerate/{variant}.yaml",
+                  "--num_processes", "2", "--main_process_port", "0", TRAIN, "--config", str(cfg)]))
+    worst = assert_weights_close(final_weights(tmp_path / "out"), final_weights(single_run))
+    print(f"{variant} vs one process: max abs weight difference {worst:.2e}")
+    assert (tmp_path / "out" / "checkpoints" / "step-5" / "COMPLETE").is_file()
+
+
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(single_run, tmp_path):
     """Delete what came after step 5 and resume: the same final weights as the uninterrupted run."""
     run = tmp_path / "out"

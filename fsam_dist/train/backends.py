@@ -64,7 +64,7 @@ def preflight(cfg: Config, env: DistEnv, name: str) -> dict | None:
         try:
             fsdp_settings_from_env()
         except ValueError as err:
-            raise ConfigError(f"accelerate FSDP config: {err}") from None
+            raise ConfigError(str(err)) from None
     return None
 
 

@@ -76,6 +76,14 @@ def init(env: DistEnv, dist_backend: str, timeout_minutes: float, use_deepspeed:
 
 
 def _mpi_rendezvous(env: DistEnv) -> None:
+    """MASTER_ADDR/MASTER_PORT for ``init_process_group`` under mpirun: rank 0 picks a free port and
+    the address the other ranks can reach it at, and broadcasts both over MPI.
+
+    The address: MASTER_ADDR if the environment sets it; 127.0.0.1 when every rank shares rank 0's
+    network stack (one host); otherwise rank 0's address on GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME
+    if set, else its address on a subnet that holds another host's address, else what its hostname
+    resolves to. A hostname that resolves to a loopback address (Debian's 127.0.1.1) is never sent
+    to other hosts."""
     try:
         from mpi4py import MPI
     except ImportError:
@@ -84,19 +92,84 @@ def _mpi_rendezvous(env: DistEnv) -> None:
     comm = MPI.COMM_WORLD
     if comm.Get_size() != env.world_size:
         raise RuntimeError(f"MPI world size {comm.Get_size()} != launcher's {env.world_size}")
-    address = None
+    hosts = comm.allgather((_network_stack_id(), _ipv4_interfaces()))
+    message = None
     if env.rank == 0:
         import socket
 
         with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
-        address = (os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname()), port)
-    address = comm.bcast(address, root=0)
-    os.environ.setdefault("MASTER_ADDR", address[0])
-    os.environ.setdefault("MASTER_PORT", str(address[1]))
+        try:
+            message = ("ok", _master_address(hosts), port)
+        except RuntimeError as err:
+            message = ("error", str(err), 0)
+    status, address, port = comm.bcast(message, root=0)
+    if status != "ok":   # every rank raises, none waits for a rank 0 that gave up
+        raise RuntimeError(address)
+    os.environ.setdefault("MASTER_ADDR", address)
+    os.environ.setdefault("MASTER_PORT", str(port))
     os.environ.setdefault("RANK", str(env.rank))
     os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+
+
+def _network_stack_id() -> tuple:
+    """Equal for two processes exactly when they share a network stack (same kernel, same network
+    namespace), i.e. when 127.0.0.1 of one is 127.0.0.1 of the other."""
+    import socket
+
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return (boot, os.stat("/proc/self/ns/net").st_ino)
+    except OSError:
+        return (socket.gethostname(),)
+
+
+def _ipv4_interfaces() -> list[tuple[str, str, str]]:
+    """(interface, address, netmask) of this host's non-loopback IPv4 interfaces."""
+    import socket
+
+    try:
+        import psutil
+    except ImportError:
+        return []
+    return [(name, a.address, a.netmask or "255.255.255.255") for name, addrs in psutil.net_if_addrs().items()
+            for a in addrs if a.family == socket.AF_INET and not a.address.startswith("127.")]
+
+
+def _master_address(hosts: list[tuple[tuple, list]]) -> str:
+    """Rank 0's address for the others (see :func:`_mpi_rendezvous`); ``hosts[r]`` is rank r's
+    (network stack id, interfaces)."""
+    import ipaddress
+    import socket
+
+    if os.environ.get("MASTER_ADDR"):
+        return os.environ["MASTER_ADDR"]
+    my_stack, mine = hosts[0]
+    if all(stack == my_stack for stack, _ in hosts):
+        return "127.0.0.1"
+    wanted = [n.strip().lstrip("=") for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+              for n in os.environ.get(var, "").split(",") if n.strip() and not n.strip().startswith("^")]
+    for prefix in wanted:
+        for name, address, _ in mine:
+            if name == prefix or name.startswith(prefix):
+                return address
+    others = [ipaddress.ip_address(address) for stack, interfaces in hosts if stack != my_stack
+              for _, address, _ in interfaces]
+    for _, address, netmask in mine:
+        network = ipaddress.ip_network(f"{address}/{netmask}", strict=False)
+        if any(other in network for other in others):
+            return address
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        address = "127.0.0.1"
+    if not address.startswith("127."):
+        return address
+    raise RuntimeError("mpirun across hosts: cannot tell which address of rank 0's host the others reach "
+                       f"(its hostname resolves to {address}, no shared subnet found); set MASTER_ADDR "
+                       "(e.g. mpirun -genv MASTER_ADDR=<rank 0 host's IP>) or GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME")
 
 
 def barrier() -> None:

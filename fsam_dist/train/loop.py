@@ -51,6 +51,11 @@ def prepare(cfg: Config):
                                      report)
     except (OSError, ValueError, ImportError) as err:
         raise ConfigError(f"data.train_file: {err}") from None
+    for side, cut, limit in (("source", report.truncated_source, cfg.data.max_source_length),
+                             ("target", report.truncated_target, cfg.data.max_target_length)):
+        if features and cut == len(features):
+            raise ConfigError(f"data.max_{side}_length: all {cut} training {side}s are longer than {limit} tokens, "
+                              f"so every one would be cut; raise data.max_{side}_length")
     eval_examples = _eval_examples(cfg, load_examples)
     if len(features) < env.world_size:
         raise ConfigError(f"data.train_file: {len(features)} usable example(s) for {env.world_size} processes; "

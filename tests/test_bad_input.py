@@ -1,0 +1,186 @@
+"""Bad input is one clear error naming the field or file, before any process group starts, and
+leaves no output directory behind (a later ``resume: auto`` must find nothing half-written)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import yaml
+
+from .launching import REPO, write_config
+
+TRAIN = str(REPO / "launch" / "train.py")
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "PMI_RANK", "PMI_SIZE",
+               "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "ACCELERATE_USE_FSDP", "FSDP_VERSION",
+               "FSDP_SHARDING_STRATEGY", "FSDP_USE_ORIG_PARAMS", "FSDP_ACTIVATION_CHECKPOINTING")
+
+
+def _main():
+    spec = importlib.util.spec_from_file_location("launch_train", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _set(path: str, value):
+    def apply(cfg, tmp):
+        node = cfg
+        keys = path.split(".")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value(tmp) if callable(value) else value
+    return apply
+
+
+def _drop(path: str):
+    def apply(cfg, tmp):
+        section, key = path.split(".") if "." in path else (None, path)
+        (cfg[section] if section else cfg).pop(key)
+    return apply
+
+
+def _file(name: str, text: str):
+    def make(tmp: Path) -> str:
+        (tmp / name).write_text(text)
+        return str(tmp / name)
+    return make
+
+
+def _ds_json(content: dict):
+    return _file("ds.json", json.dumps(content))
+
+
+def _model_without(files: list[str], edit=None):
+    """A copy of the tiny model directory without some files (or with its tokenizer edited)."""
+    def make(tmp: Path) -> str:
+        src = Path(CASES_MODEL_DIR[0])
+        dst = tmp / "broken_model"
+        shutil.copytree(src, dst)
+        for name in files:
+            (dst / name).unlink()
+        if edit:
+            edit(dst)
+        return str(dst)
+    return make
+
+
+def _strip_pad(model_dir: Path) -> None:
+    cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    cfg["pad_token"] = None
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    data = json.loads((model_dir / "tokenizer.json").read_text())
+    data["padding"] = None
+    (model_dir / "tokenizer.json").write_text(json.dumps(data))
+    special = model_dir / "special_tokens_map.json"
+    if special.is_file():
+        tokens = json.loads(special.read_text())
+        tokens.pop("pad_token", None)
+        special.write_text(json.dumps(tokens))
+
+
+CASES_MODEL_DIR: list[str] = []
+DS = _set("backend.name", "deepspeed")
+TWO_RANKS = {"RANK": "0", "WORLD_SIZE": "2"}
+FSDP1_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+             "FSDP_USE_ORIG_PARAMS": "true"}
+
+# (id, config edits, launcher environment, text the single error message must contain)
+CASES = [
+    ("unknown-top-level-key", [_set("trainer", {"max_steps": 3})], {}, "trainer: unknown key"),
+    ("unknown-nested-key", [_set("fsam.rhoo", 0.1)], {}, "fsam.rhoo: unknown key"),
+    ("wrong-type", [_set("train.max_steps", "ten")], {}, "train.max_steps"),
+    ("negative-rho", [_set("fsam.rho", -0.05)], {}, "fsam.rho"),
+    ("zero-keep-ratio", [_set("fsam.keep_ratio", 0)], {}, "fsam.keep_ratio"),
+    ("keep-ratio-above-one", [_set("fsam.keep_ratio", 1.5)], {}, "fsam.keep_ratio"),
+    ("zero-mask-interval", [_set("fsam.mask_interval", 0)], {}, "fsam.mask_interval"),
+    ("bad-norm", [_set("fsam.norm", "l1")], {}, "fsam.norm"),
+    ("bad-exclude-regex", [_set("fsam.exclude", ["(bias"])], {}, "fsam.exclude"),
+    ("bad-precision", [_set("train.precision", "fp8")], {}, "train.precision"),
+    ("zero-lr", [_set("optim.lr", 0)], {}, "optim.lr"),
+    ("bad-betas", [_set("optim.betas", [0.9])], {}, "optim.betas"),
+    ("zero-micro-batch", [_set("train.micro_batch_size", 0)], {}, "train.micro_batch_size"),
+    ("missing-model-section", [_drop("model")], {}, "model: Field required"),
+    ("missing-model-dir", [_set("model.name_or_path", "/nonexistent/t5")], {}, "/nonexistent/t5"),
+    ("model-dir-without-config", [_set("model.name_or_path", _model_without(["config.json"]))], {}, "config.json"),
+    ("tokenizer-without-pad", [_set("model.name_or_path", _model_without([], _strip_pad))], {}, "pad token"),
+    ("missing-train-file", [_set("data.train_file", "/nonexistent/train.jsonl")], {}, "/nonexistent/train.jsonl"),
+    ("empty-jsonl", [_set("data.train_file", _file("empty.jsonl", ""))], {}, "empty.jsonl"),
+    ("malformed-jsonl", [_set("data.train_file", _file("bad.jsonl", "{not json\n[1, 2\n"))], {}, "bad.jsonl"),
+    ("missing-field", [_set("data.train_file", _file("nofield.jsonl", '{"source": "a b"}\n' * 5))], {},
+     "nofield.jsonl"),
+    ("missing-eval-file", [_set("data.eval_file", "/nonexistent/valid.jsonl"), _set("eval.enabled", True)], {},
+     "data.eval_file"),
+    ("all-targets-too-long", [_set("data.max_target_length", 2)], {}, "data.max_target_length"),
+    ("unknown-builtin", [_set("data.train_file", "builtin:nosuchcorpus")], {}, "nosuchcorpus"),
+    ("world-larger-than-dataset", [_set("backend.name", "ddp")], {"RANK": "0", "WORLD_SIZE": "500"},
+     "500 processes"),
+    ("deepspeed-without-launcher", [_set("backend.name", "deepspeed"),
+                                    _set("backend.deepspeed_config", "configs/deepspeed/zero2.json")], {},
+     "needs a distributed launcher"),
+    ("ddp-without-launcher", [_set("backend.name", "ddp")], {}, "needs a distributed launcher"),
+    ("single-with-two-processes", [_set("backend.name", "single")], TWO_RANKS, "backend.name: 'single'"),
+    ("deepspeed-without-json", [DS], TWO_RANKS, "backend.deepspeed_config"),
+    ("deepspeed-json-missing", [DS, _set("backend.deepspeed_config", "/nonexistent/ds.json")], TWO_RANKS,
+     "/nonexistent/ds.json"),
+    ("deepspeed-json-invalid", [DS, _set("backend.deepspeed_config", _file("ds.json", "{stage: 2"))], TWO_RANKS,
+     "not valid JSON"),
+    ("deepspeed-json-micro-batch", [DS, _set("backend.deepspeed_config",
+                                         _ds_json({"train_micro_batch_size_per_gpu": 16}))], TWO_RANKS,
+     "train_micro_batch_size_per_gpu = 16 disagrees with train.micro_batch_size"),
+    ("deepspeed-json-clipping", [DS, _set("backend.deepspeed_config", _ds_json({"gradient_clipping": 1.0}))],
+     TWO_RANKS, "gradient_clipping = 1.0 disagrees with optim.clip_grad_norm"),
+    ("deepspeed-json-optimizer", [DS, _set("backend.deepspeed_config",
+                                       _ds_json({"optimizer": {"type": "AdamW"}}))], TWO_RANKS,
+     "remove 'optimizer'"),
+    ("deepspeed-json-precision", [DS, _set("backend.deepspeed_config", _ds_json({"bf16": {"enabled": True}}))],
+     TWO_RANKS, "bf16.enabled = True disagrees with train.precision"),
+    ("deepspeed-json-bad-stage", [DS, _set("backend.deepspeed_config",
+                                       _ds_json({"zero_optimization": {"stage": 4}}))], TWO_RANKS,
+     "zero_optimization.stage"),
+    ("fsdp-without-orig-params", [_set("backend.name", "fsdp")],
+     {**TWO_RANKS, **FSDP1_ENV, "FSDP_USE_ORIG_PARAMS": "false"}, "fsdp_use_orig_params must be true"),
+    ("fsdp-hybrid-sharding", [_set("backend.name", "fsdp")],
+     {**TWO_RANKS, **FSDP1_ENV, "FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"}, "hybrid sharding"),
+    ("fsdp-activation-checkpointing", [_set("backend.name", "fsdp")],
+     {**TWO_RANKS, **FSDP1_ENV, "FSDP_ACTIVATION_CHECKPOINTING": "true"}, "fsdp_activation_checkpointing"),
+    ("fp16-on-cpu", [_set("train.precision", "fp16")], {}, "train.precision: fp16"),
+    ("resume-not-a-checkpoint", [_set("train.resume", _file("ckpt", "x"))], {}, "train.resume"),
+]
+
+
+@pytest.mark.parametrize("edits,environment,needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_error_before_any_process_group(tmp_path, tiny_t5_dir, tiny_data, capsys,
+                                                               monkeypatch, edits, environment, needle):
+    CASES_MODEL_DIR[:] = [tiny_t5_dir]
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in environment.items():
+        monkeypatch.setenv(var, value)
+    cfg_path = write_config(tmp_path / "cfg.yaml", tiny_t5_dir, tiny_data, tmp_path / "out")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    for edit in edits:
+        edit(cfg, tmp_path)
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert _main()(["--config", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    # (transformers may print a weight-loading progress bar first)
+    assert err.count("error: ") == 1 and needle in err[err.index("error: "):], err
+    assert not dist.is_initialized(), "the error must come before any process group starts"
+    assert not (tmp_path / "out").exists(), "a failed start must not leave an output directory"
+
+
+def test_there_are_at_least_25_cases():
+    assert len(CASES) >= 25
+
+
+def test_missing_config_file_and_non_mapping_yaml(tmp_path, capsys):
+    assert _main()(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml does not exist" in capsys.readouterr().err
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    assert _main()(["--config", str(tmp_path / "list.yaml")]) == 2
+    assert "top level must be a mapping" in capsys.readouterr().err
