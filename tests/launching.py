@@ -55,7 +55,8 @@ def assert_weights_close(got: dict, expected: dict, rtol: float = 1e-5, atol: fl
     """Max abs difference, after asserting every tensor is close."""
     import torch
 
-    assert got.keys() == expected.keys()
+    assert got.keys() == expected.keys(), (f"only in result: {sorted(got.keys() - expected.keys())}; "
+                                           f"missing: {sorted(expected.keys() - got.keys())}")
     worst = 0.0
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=rtol, atol=atol, msg=name)

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from .helpers import free_port
 from .launching import BIN, PYTHON, REPO, assert_weights_close, check, final_weights, launch, write_config
 
 TRAIN = str(REPO / "launch" / "train.py")
@@ -51,6 +52,21 @@ def test_torchrun_ddp_with_accumulation_equals_one_process(single_run, tmp_path,
     check(launch([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", TRAIN, "--config", str(cfg)]))
     worst = assert_weights_close(final_weights(tmp_path / "out"), final_weights(single_run))
     print(f"DDP vs one process: max abs weight difference {worst:.2e}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_launcher_equals_one_process(single_run, tmp_path, tiny_t5_dir, tiny_data, stage):
+    """`deepspeed --num_gpus 2 launch/train.py` (CPU, gloo) with our ZeRO JSON == one process."""
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_t5_dir, tiny_data, tmp_path / "out",
+                       train={"micro_batch_size": 2, "grad_accum_steps": 2, "save_every": 5},
+                       backend={"deepspeed_config": f"configs/deepspeed/zero{stage}.json"})
+    result = check(launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
+                           "--config", str(cfg)], env={"OMP_NUM_THREADS": ""}))
+    worst = assert_weights_close(final_weights(tmp_path / "out"), final_weights(single_run))
+    print(f"ZeRO-{stage} (deepspeed launcher) vs one process: max abs weight difference {worst:.2e}")
+    assert "backend deepspeed, 2 process(es)" in result.stderr + result.stdout
+    assert (tmp_path / "out" / "checkpoints" / "step-5" / "COMPLETE").is_file()
 
 
 @pytest.mark.slow

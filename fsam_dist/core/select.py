@@ -38,6 +38,8 @@ COARSE = 16
 """High-16-bit bins per all-reduced coarse bucket (2048 buckets = the top 11 bits)."""
 LOW_DIGITS = (8, 8)
 """Rounds over the candidates' low 16 bits."""
+CHUNK = 1 << 20
+"""Entries per chunk in the passes over all scores (keeps temporaries in cache)."""
 POSITION_BITS = 48
 """Global positions must lie below 2**48 (2.8e14 entries)."""
 POSITION_DIGITS = (12, 12, 12, 12)
@@ -85,7 +87,7 @@ def global_topk_mask(scores: list[torch.Tensor], positions: list[int], k: int,
     local = torch.zeros(HIGH_BINS, dtype=torch.int64)
     for h, bad in zip(high16, invalid):
         if h.numel() and not bad:
-            local += torch.bincount(h, minlength=HIGH_BINS).cpu()
+            local += _histogram(h)
     coarse = local.view(-1, COARSE).sum(1)
     reduced = all_reduce(torch.cat([coarse, torch.tensor([sum(invalid), bad_positions])]), "sum", group)
     coarse, (invalid_total, bad_positions_total) = reduced[:-2], reduced[-2:].tolist()
@@ -102,8 +104,7 @@ def global_topk_mask(scores: list[torch.Tensor], positions: list[int], k: int,
     fine = all_reduce(local[bucket * COARSE:(bucket + 1) * COARSE].clone(), "sum", group)
     sub, needed = _walk(fine, needed)
     prefix = bucket * COARSE + sub
-    masks = [h > prefix for h in high16]
-    candidates = [torch.nonzero(h == prefix).reshape(-1) for h in high16]
+    masks, candidates = zip(*(_split_at(h, prefix) for h in high16)) if high16 else ((), ())
     lows = [f.view(torch.int32)[idx] & 0xFFFF for f, idx in zip(flat, candidates)]
     result = _radix_topk(lows, needed, LOW_DIGITS, group)
     tie_indices = []
@@ -129,6 +130,38 @@ def _high_half(f: torch.Tensor) -> torch.Tensor:
     """The high 16 bits of each fp32 as int16: a strided view, no copy (non-negative for x >= +0)."""
     halves = f.view(torch.int16)
     return halves[1::2] if sys.byteorder == "little" else halves[0::2]
+
+
+def _chunks(n: int):
+    for start in range(0, n, CHUNK):
+        yield start, min(n, start + CHUNK)
+
+
+def _histogram(high: torch.Tensor) -> torch.Tensor:
+    """bincount of the (strided) high halves, a cache-sized chunk at a time: copying a chunk into
+    a reused contiguous buffer and counting it beats counting the strided view (2-3x at 1e8)."""
+    counts = torch.zeros(HIGH_BINS, dtype=torch.int64, device=high.device)
+    buffer = torch.empty(min(CHUNK, high.numel()), dtype=high.dtype, device=high.device)
+    for start, end in _chunks(high.numel()):
+        chunk = buffer[:end - start]
+        chunk.copy_(high[start:end])
+        counts += torch.bincount(chunk, minlength=HIGH_BINS)
+    return counts.cpu()
+
+
+def _split_at(high: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bool mask of high > prefix, int64 indices of high == prefix), chunk by chunk so the only
+    full-size allocation is the mask itself."""
+    mask = torch.empty(high.numel(), dtype=torch.bool, device=high.device)
+    equal = torch.empty(min(CHUNK, high.numel()), dtype=torch.bool, device=high.device)
+    found = [torch.zeros(0, dtype=torch.int64, device=high.device)]
+    for start, end in _chunks(high.numel()):
+        torch.gt(high[start:end], prefix, out=mask[start:end])
+        torch.eq(high[start:end], prefix, out=equal[:end - start])
+        hits = torch.nonzero(equal[:end - start]).reshape(-1)
+        if hits.numel():
+            found.append(hits + start)
+    return mask, torch.cat(found)
 
 
 def _walk(histogram: torch.Tensor, needed: int) -> tuple[int, int]:

@@ -107,3 +107,24 @@ def model_kind(model) -> str:
         return "bart"
     raise ValueError(f"unsupported model type {model_type!r}: expected a T5 ({', '.join(sorted(T5_TYPES))}) or "
                      f"BART ({', '.join(sorted(BART_TYPES))}) model")
+
+
+def model_from_state_dict(config, state_dict: dict) -> torch.nn.Module:
+    """A plain (unsharded, fp32) model of ``config`` holding ``state_dict``.
+
+    Backends consolidate state dicts differently (tied embeddings present once or under every
+    name); loading into a fresh model and re-tying makes ``save_pretrained`` and generation the
+    same whatever the backend. Anything missing other than a tied embedding is an error.
+    """
+    from transformers import AutoModelForSeq2SeqLM
+
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.cpu()
+             for k, v in state_dict.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    untied = [k for k in missing if not k.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    if unexpected or untied:
+        raise RuntimeError(f"consolidated state dict does not fit the model: missing {untied}, "
+                           f"unexpected {unexpected}")
+    model.tie_weights()
+    return model

@@ -4,15 +4,16 @@ Where the local shard lives after a backward at the accumulation boundary:
 
 * ZeRO-0 (fp32 only): every rank holds the full averaged gradient in ``p.grad`` and the full
   weights -- the same as DDP, so the core reduces nothing (``REPLICATED``).
-* ZeRO-1/2: each rank owns a contiguous fragment of the flattened parameters: its fp32 master
-  (``hp_fragment``) and its reduced gradient; the fragments are disjoint and cover every entry.
+* ZeRO-1/2 (fp32 or bf16): each rank owns a contiguous fragment of the flattened parameters: its
+  fp32 master (``hp_fragment``) and its reduced gradient; fragments are disjoint and cover all.
   The perturbation goes into the fp32 master and DeepSpeed's ``update_lp_params()`` copies it into
   the replicated (bit16 or fp32) weights the forward reads; the core restores the master exactly
   and the same call publishes the restored weights.
-* ZeRO-3: each parameter is split into equal, padded partitions (``p.ds_tensor``); the local
-  gradient partition comes from ``safe_get_local_grad``. The perturbation goes into ``p.ds_tensor``
-  in place; gathered copies are released and the persistent (never re-partitioned) parameters
-  re-gathered so that the next forward sees it.
+* ZeRO-3: each parameter is split into equal, padded partitions (``p.ds_tensor``, the weights the
+  forward gathers); the local gradient partition comes from ``safe_get_local_grad``. The
+  perturbation goes into ``p.ds_tensor`` in place; then every gathered copy is released (the next
+  forward re-gathers it) and the persistent parameters re-gathered, as ``step()`` leaves them.
+  ``step()`` rewrites ``p.ds_tensor`` from the fp32 master.
 
 The global position of a fragment is the start of its parameter in the model-wide flattened order
 (trainable parameters in ``named_parameters()`` order) plus its offset in the parameter, exactly
@@ -21,6 +22,7 @@ as in :class:`~fsam_dist.shards.local.LocalBackend`, so masks agree across backe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -61,19 +63,30 @@ def _zero12_fragment(p: torch.nn.Parameter):
     mapping = getattr(p, "_hp_mapping", None)
     if mapping is None:
         return None
-    grad = mapping.get_lp_grad_fragment(p._index_in_param_group)
-    return mapping.lp_fragment_address.start, mapping.hp_fragment.view(-1), grad.reshape(-1)
+    start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+    grad = mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+    if grad.numel() == p.numel() != numel:   # BF16_Optimizer keeps the whole parameter's gradient
+        grad = grad.narrow(0, start, numel)
+    return start, mapping.hp_fragment.view(-1), grad
 
 
 def _zero12_clear_grads(optimizer) -> None:
-    """Discard ZeRO-1/2 gradients accumulated since the last step (as its overflow path does)."""
+    """Discard the ZeRO-1/2 gradients accumulated since the last step.
+
+    ``zero_grad`` alone is not enough for DeepSpeedZeroOptimizer: with bf16 weights and fp32
+    gradient accumulation it adds every backward into ``averaged_gradients`` until ``step()``
+    (which then clears them the way this does). BF16_Optimizer's ``zero_grad`` clears everything.
+    """
+    from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
     optimizer.zero_grad(set_to_none=True)
-    optimizer._release_preflattened_grad_buffers()
-    for k in list(optimizer.averaged_gradients.keys()):
-        optimizer.averaged_gradients[k] = None
-    for k in list(optimizer.all_grad_tensors.keys()):
-        optimizer.all_grad_tensors[k] = None
-    optimizer.micro_step_id = -1   # INITIAL_MICRO_STEP_ID, as step() sets it
+    if hasattr(optimizer, "averaged_gradients"):
+        optimizer._release_preflattened_grad_buffers()
+        for k in list(optimizer.averaged_gradients):
+            optimizer.averaged_gradients[k] = None
+        for k in list(optimizer.all_grad_tensors):
+            optimizer.all_grad_tensors[k] = None
+        optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
 
 
 def _zero3_local(p: torch.nn.Parameter, rank: int):
@@ -96,55 +109,76 @@ def _zero3_publish(optimizer) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+def skip_cpu_shm_build() -> None:
+    """Stop DeepSpeed's CPU communication from compiling its shared-memory op at init.
+
+    The op serves only ``inference_all_reduce``, which training never calls; building it costs
+    40-70 s on a fresh machine. (``deepspeed.comm.torch`` the *attribute* is torch itself, hence
+    the import by name.)
+    """
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 class DeepSpeedBackend(Backend):
-    """A model trained by a DeepSpeed engine at ZeRO stage 0, 1, 2 or 3.
+    """A model trained by a DeepSpeed engine at ZeRO stage 0 (fp32), 1, 2 or 3 (fp32 or bf16).
 
     Args:
         model: the ``torch.nn.Module`` (not yet wrapped).
-        ds_config: the DeepSpeed config dict; passed to ``deepspeed.initialize`` unchanged (a copy).
-            ``gradient_clipping`` must equal the ``clip_grad_norm`` given to the step (DeepSpeed
-            clips inside ``engine.step()``; it defaults to 1.0). ``gradient_accumulation_steps``
-            only feeds DeepSpeed's sample counters: the step marks the accumulation boundary
-            itself and scales the loss by the global target count, so ``engine.backward`` is
-            called with ``scale_wrt_gas=False``.
-        optimizer: a torch optimizer over ``model.parameters()`` (avoids compiling DeepSpeed's
-            fused Adam); DeepSpeed wraps it.
-        scheduler: an LR scheduler of ``optimizer``; DeepSpeed steps it after each applied step.
+        ds_config: the DeepSpeed config dict, passed to ``deepspeed.initialize`` as it is (a copy).
+            ``gradient_clipping`` must equal the ``clip_grad_norm`` given to the step: DeepSpeed
+            clips inside ``engine.step()``, and its default is 1.0. ``gradient_accumulation_steps``
+            feeds only DeepSpeed's batch-size check and sample counters: the step marks the
+            accumulation boundary of its own micro-batch loop and already divides the loss by the
+            global target count, so ``engine.backward`` runs with ``scale_wrt_gas=False``.
+        optimizer: a torch optimizer over ``model.parameters()`` (so DeepSpeed compiles no fused
+            Adam); DeepSpeed wraps it.
+        scheduler: an LR scheduler of ``optimizer``; DeepSpeed steps it after every applied step.
         exclude: regexes of parameter names the Fisher mask does not apply to.
 
-    ``deepspeed.init_distributed(...)`` (or ``torch.distributed.init_process_group``) must have
-    run before.
+    ``deepspeed.init_distributed(dist_backend=...)`` (or ``torch.distributed.init_process_group``)
+    must have run before. Not supported: ZeRO offload, fp16 (needs a GPU; untested).
     """
 
-    saves_weights = True
+    saves_weights = True   # the core restores the fp32 master / partition to its saved values
 
     def __init__(self, model: torch.nn.Module, ds_config: dict, optimizer: torch.optim.Optimizer, scheduler=None,
                  exclude: tuple[str, ...] | list[str] = DEFAULT_EXCLUDE) -> None:
         import deepspeed
 
         check_version(deepspeed.__version__)
-        if not dist.is_initialized():
-            raise RuntimeError("DeepSpeedBackend: call deepspeed.init_distributed(dist_backend=...) first")
-        self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        zero = ds_config.get("zero_optimization", {})
+        self.stage = int(zero.get("stage", 0))
         if self.stage not in (0, 1, 2, 3):
             raise ValueError(f"DeepSpeedBackend: zero_optimization.stage must be 0, 1, 2 or 3, got {self.stage}")
-        low_precision = any(ds_config.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
-        if self.stage == 0 and low_precision:
-            raise ValueError("DeepSpeedBackend: ZeRO stage 0 supports fp32 only (DeepSpeed's stage-0 bf16/fp16 "
-                             "optimizers keep their own master copies); use stage 1 or more for bf16/fp16")
+        if ds_config.get("fp16", {}).get("enabled", False):
+            raise ValueError("DeepSpeedBackend: fp16 is not supported (untested; use bf16 or fp32)")
+        if self.stage == 0 and ds_config.get("bf16", {}).get("enabled", False):
+            raise ValueError("DeepSpeedBackend: bf16 needs ZeRO stage 1, 2 or 3 (at stage 0 DeepSpeed keeps the "
+                             "fp32 masters in an optimizer wrapper this adapter does not read)")
+        for key in ("offload_optimizer", "offload_param"):
+            if zero.get(key) and zero[key].get("device", "none") != "none":
+                raise ValueError(f"DeepSpeedBackend: zero_optimization.{key} is not supported (the gradients "
+                                 "and masters then live in other buffers)")
+        if not dist.is_initialized():
+            raise RuntimeError("DeepSpeedBackend: call deepspeed.init_distributed(dist_backend=...) first")
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=copy.deepcopy(ds_config))
         self.module = self.engine.module
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         dp_group = self.engine.data_parallel_group
         self.dp_rank = dist.get_rank(dp_group)
-        self.world_group = None
-        self.group = REPLICATED if self.stage == 0 else dp_group
-        # DeepSpeed averages gradients over the data-parallel ranks.
-        self.loss_multiplier = float(dist.get_world_size(dp_group))
         self.trainable = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         self.positions = global_positions([(n, getattr(p, "ds_numel", p.numel())) for n, p in self.trainable])
         self.eligible = {n: is_eligible(n, exclude) for n, _ in self.trainable}
+        # ZeRO-1/2 (DeepSpeedZeroOptimizer, or BF16_Optimizer for bf16 with fp32 gradient
+        # accumulation at stage 1) link fp32 master fragments; ZeRO-0 in fp32 is the torch optimizer.
+        self.layout = {0: "replicated", 1: "fragments", 2: "fragments", 3: "zero3"}[self.stage]
+        self.world_group = None
+        self.group = REPLICATED if self.layout == "replicated" else dp_group
+        # DeepSpeed averages gradients over the data-parallel ranks.
+        self.loss_multiplier = float(dist.get_world_size(dp_group))
 
     @property
     def model(self) -> torch.nn.Module:
@@ -153,41 +187,38 @@ class DeepSpeedBackend(Backend):
     def forward_backward(self, loss_fn: LossFn, micro_batch: dict, scale: float, last: bool) -> torch.Tensor:
         self.engine.set_gradient_accumulation_boundary(last)
         loss_sum = loss_fn(self.engine, micro_batch)
-        # The step already divides by the global target count: no extra 1/GAS.
         self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
         return loss_sum.detach()
 
     def views(self) -> list[ShardView]:
         views = []
         for name, p in self.trainable:
-            if self.stage == 0:
-                if p.grad is None:
+            if self.layout == "replicated":
+                if p.grad is None:   # unused in this batch: its gradient is zero
                     p.grad = torch.zeros_like(p)
                 piece = (0, p.detach().view(-1), p.grad.view(-1))
-            elif self.stage == 3:
+            elif self.layout == "zero3":
                 piece = _zero3_local(p, self.dp_rank)
             else:
                 piece = _zero12_fragment(p)
-            if piece is None or piece[1].numel() == 0:
-                continue
-            offset, weights, grad = piece
-            views.append(ShardView(name, weights, grad, self.positions[name] + offset, self.eligible[name]))
+            if piece is not None and piece[1].numel():
+                offset, weights, grad = piece
+                views.append(ShardView(name, weights, grad, self.positions[name] + offset, self.eligible[name]))
         return views
 
     def publish(self, restored: bool) -> None:
-        if self.stage in (1, 2):
-            self.optimizer.update_lp_params()
-        elif self.stage == 3:
+        if self.layout == "fragments":
+            self.optimizer.update_lp_params()   # fp32 master → replicated weights (all-gather)
+        elif self.layout == "zero3":
             _zero3_publish(self.optimizer)
 
     def zero_grad(self) -> None:
-        if self.stage in (1, 2):
+        if self.layout == "fragments":
             _zero12_clear_grads(self.optimizer)
-        elif self.stage == 3:
-            # engine.zero_grad() only drops p.grad: the partitioned gradients would accumulate.
-            self.optimizer.zero_grad(set_to_none=True)
         else:
-            self.engine.zero_grad()
+            # Not engine.zero_grad(): it only drops p.grad, and ZeRO-3's partitioned gradients
+            # would accumulate g1 + g2 (its optimizer.zero_grad also resets micro_step_id).
+            self.optimizer.zero_grad(set_to_none=True)
 
     def clip_and_step(self, max_norm: float) -> float:
         clipping = float(self.engine.gradient_clipping())
@@ -196,22 +227,47 @@ class DeepSpeedBackend(Backend):
                              f"default is 1.0) differs from clip_grad_norm ({max_norm}): DeepSpeed clips inside "
                              "engine.step(), so set them equal (0.0 = off)")
         norm = grad_norm(self.views(), self.group)
-        self.engine.step()   # clips, steps the optimizer, then the scheduler; clears gradients
+        self.engine.step()   # clips, steps the optimizer, then the scheduler; clears the gradients
         return norm
 
     def skip_step(self) -> None:
         self.zero_grad()
 
     def save_state(self, path: str) -> None:
-        """DeepSpeed checkpoint (module, optimizer, scheduler; each rank its shards) into ``path``."""
-        self.engine.save_checkpoint(path, tag="state")
+        """``engine.save_checkpoint`` into the directory ``path`` (module, optimizer and scheduler
+        state; each rank writes its shards)."""
+        self.engine.save_checkpoint(str(path), tag="state")
 
     def load_state(self, path: str) -> None:
-        """Load what :meth:`save_state` wrote (same world size and stage)."""
-        load_path, _ = self.engine.load_checkpoint(path, tag="state")
+        """``engine.load_checkpoint`` of what :meth:`save_state` wrote (same world size and stage)."""
+        load_path, _ = self.engine.load_checkpoint(str(path), tag="state")
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeedBackend: no DeepSpeed checkpoint in {path}")
 
+    def full_weights_module(self) -> torch.nn.Module | None:
+        """The module itself at stages 0-2 (every rank holds all current weights, bf16 where
+        training is bf16); None under ZeRO-3."""
+        return None if self.layout == "zero3" else self.module
+
     def full_state_dict(self) -> dict | None:
-        """The consolidated fp32 ``state_dict`` of the module on rank 0, None elsewhere (collective)."""
-        return None
+        """The consolidated ``state_dict`` of the module on rank 0, None elsewhere (collective).
+
+        Trainable parameters come from the fp32 masters (``safe_get_full_fp32_param``, one
+        collective per parameter, except ZeRO-0 in fp32); frozen parameters and buffers as the
+        module holds them (gathered under ZeRO-3). Tied parameters appear under each name.
+        """
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = {}
+        for _, p in self.trainable:
+            value = p.detach() if self.layout == "replicated" else safe_get_full_fp32_param(p)
+            if self.rank == 0:
+                full[id(p)] = value.detach().reshape(getattr(p, "ds_shape", p.shape)).float().clone()
+        frozen = [p for p in self.module.parameters() if not p.requires_grad]
+        gather = deepspeed.zero.GatheredParameters(frozen) if self.stage == 3 and frozen else contextlib.nullcontext()
+        with gather:
+            if self.rank != 0:
+                return None
+            state = self.module.state_dict(keep_vars=True)
+            return {k: full[id(v)] if id(v) in full else v.detach().clone() for k, v in state.items()}

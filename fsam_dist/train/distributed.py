@@ -68,6 +68,11 @@ def init(env: DistEnv, dist_backend: str, timeout_minutes: float, use_deepspeed:
     if use_deepspeed:
         import deepspeed
 
+        from ..shards.deepspeed import skip_cpu_shm_build
+
+        if backend == "gloo":
+            skip_cpu_shm_build()
+
         os.environ.setdefault("RANK", str(env.rank))
         os.environ.setdefault("WORLD_SIZE", str(env.world_size))
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False)

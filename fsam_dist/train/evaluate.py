@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from ..seq2seq.generate import distributed_generate
 from ..seq2seq.metrics import PRIMARY_METRIC, compute_metrics
+from ..seq2seq.model import model_from_state_dict
 
 
 def metric_task(cfg) -> str | None:
@@ -40,16 +41,9 @@ def generation_module(backend, model: torch.nn.Module) -> torch.nn.Module:
         box = [state]
         dist.broadcast_object_list(box, src=0)
         state = box[0]
-    from transformers import AutoModelForSeq2SeqLM
-
     config = getattr(model, "config", None) or backend.model.config
-    copy = AutoModelForSeq2SeqLM.from_config(config)
-    missing, unexpected = copy.load_state_dict(state, strict=False)
-    untied = [k for k in missing if not k.endswith(("embed_tokens.weight", "lm_head.weight"))]
-    if unexpected or untied:
-        raise RuntimeError(f"consolidated state dict does not fit the model: missing {untied}, unexpected {unexpected}")
-    copy.tie_weights()
-    return copy.to(next(iter(state.values())).device if state else "cpu")
+    device = next(model.parameters()).device
+    return model_from_state_dict(config, state).to(device)
 
 
 def evaluate(backend, model, tokenizer, examples: list[dict], cfg, step: int, output_dir: Path,

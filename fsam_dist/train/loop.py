@@ -176,10 +176,10 @@ def save_final(output_dir: Path, backend, model, tokenizer, is_main: bool) -> Pa
     state_dict = backend.full_state_dict()   # collective
     final, tmp = output_dir / "final", output_dir / ".tmp-final"
     if is_main:
+        from ..seq2seq.model import model_from_state_dict
+
         shutil.rmtree(tmp, ignore_errors=True)
-        module = getattr(model, "module", model)
-        module.save_pretrained(tmp, state_dict={k: v.detach().cpu().float() if v.is_floating_point() else v.cpu()
-                                                for k, v in state_dict.items()}, safe_serialization=True)
+        model_from_state_dict(model.config, state_dict).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if final.exists():
             shutil.rmtree(final)
