@@ -588,7 +588,7 @@ class FSDPBackend(Backend):
             scheduler_file = os.path.join(path, "scheduler.pt")
             if not os.path.exists(scheduler_file):
                 raise FileNotFoundError(f"{scheduler_file}: checkpoint has no scheduler state")
-            self.scheduler.load_state_dict(torch.load(scheduler_file, weights_only=False))
+            self.scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True))
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The consolidated (unsharded) model state dict on rank 0, on CPU, under the unwrapped

@@ -14,6 +14,12 @@ so a crash mid-write leaves only a ``.tmp-*`` directory, which ``resume: auto`` 
 complete checkpoint whose files no longer match the manifest (truncated, bytes flipped, file
 missing) is skipped with a warning naming the file, and the previous one is used. The weights
 are always saved unperturbed: checkpoints are taken between steps, after the restore.
+
+A new checkpoint is verified against its manifest before COMPLETE; rotation (``keep_last_n``)
+runs only after that and never deletes the checkpoint just written nor counts damaged ones.
+Before resuming, :func:`check_unpickling` refuses files that would unpickle anything beyond
+tensors, containers and a short allowlist (DeepSpeed and torch.distributed.checkpoint load with
+full pickle). docs/reliability.md lists these guarantees and their tests.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -61,8 +68,9 @@ def _manifest(root: Path) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (MANIFEST, COMPLETE, "trainer.json")}
 
 
-def verify(path: Path) -> str | None:
-    """None if every file listed in the manifest is present with its size and SHA-256, else what is wrong."""
+def verify(path: Path, checksums: bool = True) -> str | None:
+    """None if every file listed in the manifest is present with its size and (``checksums``)
+    SHA-256, else what is wrong."""
     try:
         expected = json.loads((path / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -73,7 +81,7 @@ def verify(path: Path) -> str | None:
             return f"{file}: missing"
         if file.stat().st_size != size:
             return f"{file}: {file.stat().st_size} bytes, expected {size} (truncated?)"
-        if _sha256(file) != digest:
+        if checksums and _sha256(file) != digest:
             return f"{file}: checksum mismatch (corrupted)"
     return None
 
@@ -98,8 +106,17 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save(output_dir: str | Path, step: int, backend, fsam, trainer_state: dict, rank: int,
-         keep_last_n: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
+         keep_last_n: int, hook=None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint's path.
+
+    Rank 0 re-reads every file against the fresh manifest before it writes COMPLETE and renames
+    the directory; a checkpoint that fails this check is left as ``.tmp-step-N`` (which resume
+    ignores), logged as an error, and no older checkpoint is deleted. Only after a new checkpoint
+    is in place and verified are the complete checkpoints beyond the newest ``keep_last_n``
+    removed -- never the one just written, so at least one verified checkpoint always remains.
+    ``hook(step, phase, tmp_dir)`` (fault injection, :mod:`fsam_dist.train.faults`) is called with
+    phase 'written' on every rank once its files are written, and 'manifest' on rank 0.
+    """
     root = Path(output_dir) / "checkpoints"
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
     if rank == 0:
@@ -109,20 +126,47 @@ def save(output_dir: str | Path, step: int, backend, fsam, trainer_state: dict, 
     backend.save_state(tmp / "backend")
     rank_state = {"fsam": fsam.state_dict() if fsam is not None else None, "rng": _rng_state()}
     torch.save(rank_state, tmp / f"rank-{rank}.pt")
+    if hook is not None:
+        hook(step, "written", tmp)
     distributed.barrier()
     if rank == 0:
         (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1))
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2, default=str))
-        (tmp / COMPLETE).write_text("")
-        _fsync_dir(tmp)
-        if final.exists():   # a re-run of the same step: replace it only now that the new one is whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        for _, old in complete_checkpoints(output_dir)[:-keep_last_n]:
-            shutil.rmtree(old, ignore_errors=True)
+        if hook is not None:
+            hook(step, "manifest", tmp)
+        problem = verify(tmp)
+        if problem is not None:
+            log.error("checkpoint step-%d failed verification right after it was written (%s): left in %s, "
+                      "which resume ignores; no older checkpoint was deleted", step, problem, tmp)
+        else:
+            (tmp / COMPLETE).write_text("")
+            _fsync_dir(tmp)
+            if final.exists():   # a re-run of the same step: replace it only now that the new one is whole
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+            _rotate(output_dir, final, keep_last_n)
     distributed.barrier()
     return final
+
+
+def _rotate(output_dir: str | Path, newest: Path, keep_last_n: int) -> None:
+    """Keep ``newest`` (just written and verified) and the newest ``keep_last_n - 1`` other
+    complete checkpoints that pass a size check against their manifests (hashing them again at
+    every save would re-read them); delete the rest. A damaged checkpoint is never counted as
+    one of the kept ones, so rotation cannot leave fewer good checkpoints than it could keep.
+    ``newest`` may have a lower step than others (after an explicit resume from an older one)."""
+    kept = 1
+    for _, path in reversed(complete_checkpoints(output_dir)):
+        if path == newest:
+            continue
+        problem = verify(path, checksums=False) if kept < keep_last_n else "beyond keep_last_n"
+        if problem is None:
+            kept += 1
+            continue
+        if kept < keep_last_n:
+            log.warning("deleting damaged checkpoint %s: %s", path, problem)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def load(path: Path, backend, fsam, rank: int, world_size: int, backend_name: str) -> dict:
@@ -137,6 +181,7 @@ def load(path: Path, backend, fsam, rank: int, world_size: int, backend_name: st
         raise RuntimeError(f"checkpoint {path} was written with {saved_world} processes, this run has "
                            f"{world_size}: {backend_name} shards are per rank, so resume with "
                            f"{saved_world} processes (or set train.resume=none)")
+    check_unpickling(path)
     backend.load_state(path / "backend")
     rank_file = path / f"rank-{rank if not replicated else 0}.pt"
     rank_state = torch.load(rank_file, weights_only=True)
@@ -145,6 +190,112 @@ def load(path: Path, backend, fsam, rank: int, world_size: int, backend_name: st
     if saved_world == world_size:
         _set_rng_state(rank_state["rng"])
     return trainer_state
+
+
+# --- what resume may unpickle -------------------------------------------------------------------
+# Our own files are loaded with torch.load(weights_only=True). DeepSpeed 0.19.8's load_checkpoint
+# calls torch.load(weights_only=False) and torch.distributed.checkpoint reads its .metadata with
+# pickle.load: both would run whatever a doctored file asks. check_unpickling() therefore parses
+# every pickle of a checkpoint with a restricted unpickler first, and refuses the checkpoint if one
+# names anything outside these allowlists (torch.load's weights_only set plus the entries below).
+_DCP_METADATA_GLOBALS = {
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("collections", "OrderedDict"),
+}
+_DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
+_DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+                      "deepspeed.utils.tensor_fragment.fragment_address")
+"""What DeepSpeed 0.19.8 pickles into its optimizer-state files besides tensors and plain containers
+(ZeRO-0..3, fp32 and bf16, checked with torch.serialization.get_unsafe_globals_in_checkpoint): a
+loss-scaler record (plain attributes), an enum and a (start, numel) dataclass."""
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file would unpickle something outside the allowlists."""
+
+
+def _restricted_pickle_load(file: Path):
+    """Unpickle ``file`` resolving only DCP metadata types (``find_class`` is the one door every
+    global of a pickle goes through)."""
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            obj = None
+            if (module, name) in _DCP_METADATA_GLOBALS or module in _DCP_METADATA_MODULES:
+                obj = super().find_class(module, name)
+            elif module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                                torch.memory_format)):
+                obj = getattr(torch, name)
+            if obj is None:
+                raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+            return obj
+
+    with open(file, "rb") as f:
+        return Restricted(f).load()
+
+
+def _check_dcp_bytes(metadata, directory: Path, allowed: list) -> None:
+    """torch.distributed.checkpoint stores non-tensor values (BytesStorageMetadata) inside its
+    .distcp files and its default planner loads them with torch.load(weights_only=False): load
+    each of those byte ranges with weights_only=True first. Tensors it loads weights_only itself."""
+    import io
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    for index, info in metadata.storage_data.items():
+        if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue
+        if getattr(info, "transform_descriptors", None):
+            raise pickle.UnpicklingError(f"{index.fqn}: stored with transforms {info.transform_descriptors}, "
+                                         "which this check cannot decode")
+        with open(directory / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            value = io.BytesIO(f.read(info.length))
+        with torch.serialization.safe_globals(allowed):
+            torch.load(value, map_location="cpu", weights_only=True)
+
+
+def _deepspeed_safe_globals() -> list:
+    import importlib
+
+    found = []
+    for dotted in _DEEPSPEED_GLOBALS:
+        module, _, name = dotted.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return found
+
+
+def check_unpickling(path: Path) -> None:
+    """Parse every pickle in checkpoint ``path`` (torch files and DCP ``.metadata``) with a
+    restricted unpickler: ``torch.load(weights_only=True)`` (tensor data memory-mapped, not read)
+    with DeepSpeed's three benign classes allowed, and for ``.metadata`` a ``pickle.Unpickler``
+    that resolves only torch.distributed.checkpoint's metadata types. Raises
+    :class:`UnsafeCheckpointError` naming the file and the global it refused, before the backend
+    (whose loaders unpickle without restriction) reads anything."""
+    import zipfile
+
+    allowed = _deepspeed_safe_globals()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        with open(file, "rb") as f:
+            head = f.read(2)
+        try:
+            if file.name == ".metadata":
+                _check_dcp_bytes(_restricted_pickle_load(file), file.parent, allowed)
+            elif file.suffix == ".distcp":
+                continue   # checked through .metadata
+            elif head == b"PK" and zipfile.is_zipfile(file) or head[:1] == b"\x80":
+                with torch.serialization.safe_globals(allowed):
+                    torch.load(file, map_location="cpu", weights_only=True, mmap=head == b"PK")
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            reason = next((line for line in lines if "global" in line.lower()), lines[0] if lines else repr(err))
+            raise UnsafeCheckpointError(f"checkpoint {path}: {file} cannot be loaded safely (it would unpickle "
+                                        f"something outside the allowlist, or is not a valid pickle): {reason}; "
+                                        "refusing to resume from it") from None
 
 
 def _rng_state() -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError
-from . import checkpoint, distributed
+from . import checkpoint, distributed, faults
 from .backends import build_backend, preflight, resolve_backend
 from .batches import GlobalBatches
 from .evaluate import evaluate
@@ -117,6 +117,9 @@ def _train(cfg, env, name, ds_config, model, tokenizer, features, report, global
         return [{k: v.to(device) for k, v in collate([features[i]], pad_id).items()} for i in picks]
 
     metrics = MetricsLogger(output_dir, is_main, cfg.train.tensorboard)
+    # Fault injection (FSAM_FAULT, tests/ops only): None when unset, then nothing is wrapped.
+    fault_plan = faults.from_env(env.rank, cfg.fsam.fisher)
+    save_hook = None if fault_plan is None else fault_plan.checkpoint_hook
 
     def run_eval(step: int) -> None:
         if not eval_examples:
@@ -133,7 +136,9 @@ def _train(cfg, env, name, ds_config, model, tokenizer, features, report, global
     try:
         for step in range(start_step, cfg.train.max_steps):
             t0 = time.perf_counter()
-            stats = train_step(backend, seq2seq_loss_sum, micro_batches(step), step=step,
+            loss_fn = seq2seq_loss_sum if fault_plan is None else \
+                fault_plan.loss_fn(seq2seq_loss_sum, step + 1, cfg.train.grad_accum_steps)
+            stats = train_step(backend, loss_fn, micro_batches(step), step=step,
                                count_targets=count_target_tokens, fsam=fsam,
                                clip_grad_norm=cfg.optim.clip_grad_norm, same_dropout=cfg.fsam.same_dropout,
                                fisher_examples=fisher_examples)
@@ -155,14 +160,15 @@ def _train(cfg, env, name, ds_config, model, tokenizer, features, report, global
                 run_eval(step + 1)
             if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.max_steps:
                 checkpoint.save(output_dir, step + 1, backend, fsam, _trainer_state(cfg, env, name, step + 1),
-                                env.rank, cfg.train.keep_last_n)
+                                env.rank, cfg.train.keep_last_n, hook=save_hook)
         if bar is not None:
             bar.close()
             bar = None
         run_eval(cfg.train.max_steps)
         if cfg.train.save_every:
             checkpoint.save(output_dir, cfg.train.max_steps, backend, fsam,
-                            _trainer_state(cfg, env, name, cfg.train.max_steps), env.rank, cfg.train.keep_last_n)
+                            _trainer_state(cfg, env, name, cfg.train.max_steps), env.rank, cfg.train.keep_last_n,
+                            hook=save_hook)
     finally:
         if bar is not None:
             bar.close()
