@@ -293,8 +293,16 @@ class SlurmCluster:
     def requeue(self, job_id: int) -> None:
         """Requeue a finished job (same id) and let it start now: SLURM otherwise holds a requeued job
         back for two minutes (BeginTime)."""
+        old_end = self.job(job_id).get("EndTime")
         self.run(["scontrol", "requeue", str(job_id)])
         self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+
+        # Under load slurmctld can still report the old final record for a moment after the
+        # requeue; a wait() then would return it. Wait until the requeued run is visible.
+        def requeued():
+            record = self.job(job_id)
+            return record["JobState"] not in FINAL_STATES or record.get("EndTime") != old_end
+        wait_for(requeued, 60, f"job {job_id} to be requeued", interval=0.2)
 
 
 @pytest.fixture(scope="session", name="slurm_cluster")
