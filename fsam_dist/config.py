@@ -36,7 +36,12 @@ class FSAMConfig(_Section):
     keep_ratio: float = Field(0.1, gt=0, le=1)
     """Fraction κ of eligible entries perturbed (the Fisher top-k); 1 = SAM. Paper: 0.1."""
     mask_interval: int = Field(100, ge=1)
-    """Recompute the Fisher mask every this many optimizer steps. Paper: 100."""
+    """Recompute the Fisher mask every this many optimizer steps. Paper: 100. With interval > 1
+    the refresh happens at the first perturbing step at or after each multiple."""
+    interval: int = Field(1, ge=1)
+    """Perturb (FSAM's two passes) only at optimizer steps t with t % interval == 0; the other
+    steps are plain one-pass base-optimizer steps, bit for bit (Composer SAM's interval). Step
+    time → (1 + 1/interval) × the base optimizer's."""
     fisher: Literal["batch", "empirical"] = "batch"
     """'batch': F = g² of the step's reduced gradient (the official code). 'empirical': Σ over
     fisher_samples single training examples of (∇ log p)², the same examples on every rank."""
@@ -75,7 +80,7 @@ class FSAMConfig(_Section):
             return None
         return FSAM(rho=self.rho, keep_ratio=self.keep_ratio, mask_interval=self.mask_interval,
                     fisher=self.fisher, norm=self.norm, excluded_mode=self.excluded_mode,
-                    adaptive=self.adaptive, eps=self.eps)
+                    adaptive=self.adaptive, eps=self.eps, interval=self.interval)
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:

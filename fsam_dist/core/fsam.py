@@ -4,16 +4,18 @@ Zhong et al., "Improving Sharpness-Aware Minimization with Fisher Mask for Bette
 Generalization on Language Models", EMNLP Findings 2022 (arXiv 2210.05497); DESIGN.md §1.
 
 Per optimizer step :math:`t`, radius :math:`\rho`, keep ratio :math:`\kappa`, refresh interval
-:math:`T_m`:
+:math:`T_m`, perturbation interval :math:`k`:
 
 .. code-block:: text
 
     pass 1:  g = ∇L(w)                                   (reduced over data parallel)
-    if no mask yet or t % T_m == 0:
+    if t % k != 0:  B.step(g)  -- a plain base-optimizer step, nothing else (interval k)
+    if no mask yet, or this is the first perturbing step at or after a multiple of T_m:
              F = fisher(g)             'batch': g²; 'empirical': Σ_i (∇ log p(y_i|x_i))²
              m = top-k(F over eligible entries),  k = round(κ · N_eligible)     (global)
     n = ‖g‖ over all trainable entries ('full')  or  ‖m ⊙ g‖ ('masked')
     e = ρ · m ⊙ g / (n + ε)  on eligible entries;  ρ · g / (n + ε) or 0 on excluded ones
+        (dense: only the entries with g ≠ 0 are touched -- e is 0 on the others)
         adaptive (ASAM): g ← |w|² ⊙ g in e, and n = ‖|w| ⊙ g‖
     w ← w + e;  pass 2: g₂ = ∇L(w + e);  w ← w − e exactly (saved values restored)
     B.step(g₂)
@@ -22,7 +24,18 @@ Refreshing the mask never cancels the step's perturbation. Every global quantity
 eligible count, the top-k) is computed from local shards with :mod:`.comm` and :mod:`.select`,
 so the answer does not depend on how the parameters are sharded.
 
-This module holds the functional pieces (:func:`grad_norm_partials`, :func:`fisher_scores`,
+State kept per rank (:mod:`.masks`): the mask, bit-packed or as int32 indices (whichever is
+smaller: 1/8 byte per eligible entry at κ = 0.1); and, between the perturbation and the restore
+only, what restores the weights exactly: for fp32 weights the *low 16 bits* of each perturbed
+entry (2 bytes) -- the high 16 bits are still those of the perturbed value, except where the
+perturbation changed them, and those entries (an exponent or a high mantissa bit changed) keep
+their whole original bit pattern with an int32 position. Per chunk of 2^20 entries the cheapest
+of that, the low 24 bits (3 bytes; exceptions only where the sign or the top exponent bits
+changed) and the plain values (4 bytes) is kept: |e| / |w| decides (about 2^-12 at the T5-3B
+scale: a few % exceptions; near 1 in a tiny model: values). Weights of other dtypes keep their
+values. No int64 indices are kept: they are recomputed, chunk by chunk, from the mask.
+
+This module holds the functional pieces (:func:`grad_norm`, :func:`fisher_scores`,
 :func:`compute_mask`, :func:`perturb`, :func:`restore`) and a thin stateful :class:`FSAM`.
 """
 
@@ -34,7 +47,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .comm import global_sums
-from .select import global_topk_mask
+from .masks import CHUNK, Mask, pack_bits
+from .select import topk_masks
 from .views import ShardView
 
 NORMS = ("full", "masked")
@@ -47,102 +61,279 @@ def _key(view: ShardView) -> tuple[str, int]:
 
 
 def count_nonfinite(tensors: list[torch.Tensor]) -> int:
-    """Local count of tensors holding a NaN or inf (reduce it before acting on it)."""
-    return sum(int(not bool(torch.isfinite(t).all())) for t in tensors if t.numel())
+    """Local count of tensors holding a NaN or inf (reduce it before acting on it).
+
+    One min/max pass per tensor (NaN propagates through both, an inf is one of them): ~10x faster
+    on CPU than ``isfinite(t).all()``, which writes a bool per entry."""
+    bad = 0
+    for t in tensors:
+        if t.numel():
+            low, high = torch.aminmax(t.detach())
+            bad += int(not bool(torch.isfinite(low) & torch.isfinite(high)))
+    return bad
+
+
+def _sumsq(x: torch.Tensor) -> torch.Tensor:
+    """Σ x² accumulated in fp64."""
+    x = x.to(torch.float64)
+    return torch.dot(x, x) if x.numel() else torch.zeros((), dtype=torch.float64, device=x.device)
 
 
 def grad_norm(views: list[ShardView], group=None) -> float:
     """Global ‖g‖ over the views (fp64 accumulation, one all-reduce)."""
-    local = sum((v.grad.double().square().sum() for v in views), torch.zeros((), dtype=torch.float64))
+    local = torch.zeros((), dtype=torch.float64)
+    for v in views:
+        for start in range(0, v.numel, CHUNK):
+            local += _sumsq(v.grad[start:start + CHUNK]).cpu()
     return math.sqrt(float(global_sums([local], group)[0]))
 
 
 def direction(view: ShardView, adaptive: bool) -> torch.Tensor:
     """The ascent direction of one view in fp32: g, or |w|² ⊙ g for ASAM."""
-    g = view.grad.to(torch.float32)
+    return _direction(view.grad, view.weights, adaptive)
+
+
+def _direction(grad: torch.Tensor, weights: torch.Tensor, adaptive: bool) -> torch.Tensor:
+    g = grad.to(torch.float32)
     if adaptive:
-        w = view.weights.to(torch.float32)
+        w = weights.to(torch.float32)
         return w * w * g
     return g
 
 
+def _normed(grad: torch.Tensor, weights: torch.Tensor, adaptive: bool) -> torch.Tensor:
+    """What the norm is taken of: g, or |w| ⊙ g for ASAM (not |w|² ⊙ g)."""
+    g = grad.to(torch.float32)
+    return weights.to(torch.float32).abs() * g if adaptive else g
+
+
 def fisher_scores(views: list[ShardView]) -> list[torch.Tensor]:
-    """'batch' Fisher (the official code): the squared reduced gradient of each eligible view."""
+    """'batch' Fisher (the official code): the squared reduced gradient of each eligible view.
+
+    (:func:`compute_mask` does not call this: it selects on the squares chunk by chunk without
+    storing them. Kept for callers that want the scores.)"""
     return [view.grad.to(torch.float32).square() for view in views if view.eligible]
 
 
-def compute_mask(views: list[ShardView], scores: list[torch.Tensor], keep_ratio: float,
-                 group=None) -> tuple[dict[tuple[str, int], torch.Tensor], float]:
+def compute_mask(views: list[ShardView], scores: list[torch.Tensor] | None, keep_ratio: float,
+                 group=None) -> tuple[dict[tuple[str, int], Mask], float]:
     """Global top-k mask over the eligible views, ``k = round(keep_ratio · N_eligible)``.
 
-    ``scores`` holds one tensor per *eligible* view, in order. Returns a bool mask per eligible
-    view keyed by (name, position), and the global density k / N_eligible.
+    ``scores``: one tensor per *eligible* view, in order; None = the 'batch' Fisher g² (squared
+    chunk by chunk inside the select, never stored). Returns a compact
+    :class:`~fsam_dist.core.masks.Mask` per eligible view keyed by (name, position), and the
+    global density k / N_eligible. Collectives: those of the select (N_eligible comes from its
+    first all-reduce); none at ``keep_ratio == 1`` (every eligible entry is kept).
     """
     eligible = [v for v in views if v.eligible]
-    if len(scores) != len(eligible):
+    if scores is not None and len(scores) != len(eligible):
         raise ValueError(f"compute_mask: {len(scores)} score tensors for {len(eligible)} eligible views")
-    n_eligible = int(global_sums([torch.tensor(float(sum(v.numel for v in eligible)))], group)[0])
-    k = round(keep_ratio * n_eligible)
-    masks = global_topk_mask(scores, [v.position for v in eligible], k, group)
+    if keep_ratio >= 1:
+        return {_key(v): Mask.full(v.numel, v.grad.device) for v in eligible}, 1.0
+    sources, square = ([v.grad for v in eligible], True) if scores is None else (scores, False)
+    masks, k, n_eligible = topk_masks(sources, [v.position for v in eligible],
+                                      lambda total: round(keep_ratio * total), group, square=square)
     density = k / n_eligible if n_eligible else 0.0
-    return {_key(v): m.reshape(-1) for v, m in zip(eligible, masks)}, density
+    return {_key(v): m for v, m in zip(eligible, masks)}, density
+
+
+def _as_mask(mask, numel: int) -> Mask:
+    if isinstance(mask, Mask):
+        if mask.numel != numel:
+            raise ValueError(f"mask over {mask.numel} entries for a view of {numel}")
+        return mask
+    mask = mask.reshape(-1)
+    if mask.numel() != numel:
+        raise ValueError(f"mask over {mask.numel()} entries for a view of {numel}")
+    return Mask.from_bool(mask)
+
+
+def nonzero_mask(grad: torch.Tensor) -> Mask:
+    """The entries where ``grad != 0``, as a compact :class:`Mask` (one chunked pass)."""
+    n = grad.numel()
+    packed = torch.empty(-(-n // 8), dtype=torch.uint8, device=grad.device)
+    count = 0
+    for start in range(0, n, CHUNK):
+        flags = grad[start:start + CHUNK] != 0
+        count += int(flags.sum())
+        packed[start // 8:start // 8 + -(-flags.numel() // 8)] = pack_bits(flags)
+    return Mask.from_bits(packed, n, count)
+
+
+SMALL = 1 << 14
+"""Views of at most this many entries keep plain values for the restore (and an excluded one is
+perturbed on every entry): per-call overheads outweigh the bytes saved."""
+
+
+def _view_sums(view: ShardView, mask: Mask | None, adaptive: bool) -> torch.Tensor:
+    """Local [Σ normed², Σ normed² over the mask (eligible views), Σ direction² over the perturbed
+    entries] of one view, in fp64 (normed: g, or |w| ⊙ g for ASAM; direction: g, or |w|² ⊙ g)."""
+    out = torch.zeros(3, dtype=torch.float64)
+    dense_pass = mask is None or mask.kind == "bits" or (view.eligible and mask.kind in ("indices", "none"))
+    if dense_pass:
+        # Every entry once, in chunks; a bit-packed mask is applied densely (no index lists).
+        for start in range(0, view.numel, CHUNK):
+            end = min(view.numel, start + CHUNK)
+            g, w = view.grad[start:end], view.weights[start:end]
+            sq = _normed(g, w, adaptive).to(torch.float64).square_()
+            out[0] += sq.sum().cpu()
+            if mask is None or mask.kind != "bits":
+                continue
+            inside_flags = mask.bool_range(start, end).to(torch.float64)
+            inside = torch.dot(sq, inside_flags).cpu()
+            if view.eligible:
+                out[1] += inside
+            if adaptive:
+                out[2] += torch.dot(_direction(g, w, adaptive).to(torch.float64).square_(), inside_flags).cpu()
+            else:
+                out[2] += inside
+        if mask is None or mask.kind == "bits":
+            return out
+    # The mask's entries (all of them, or few): over its selections. Where the mask holds every
+    # entry with a non-zero gradient (all, or an excluded view's g != 0), they also give the full sum.
+    covers_nonzero = not dense_pass
+    for sel in mask.selections():
+        g = view.grad[sel]
+        w = view.weights[sel] if adaptive else None
+        sumsq = _sumsq(_normed(g, w, adaptive)).cpu()
+        if covers_nonzero:
+            out[0] += sumsq
+        if view.eligible:
+            out[1] += sumsq
+        out[2] += _sumsq(_direction(g, w, adaptive)).cpu() if adaptive else sumsq
+    return out
+
+
+@dataclass
+class _Saved:
+    """How one chunk of perturbed entries is put back (see the module docstring)."""
+
+    low: torch.Tensor | None = None         # int16: bits 0-15 of each original fp32 bit pattern
+    mid: torch.Tensor | None = None         # uint8: bits 16-23 as well (when 16 bits had many exceptions)
+    where: torch.Tensor | None = None       # int32: positions (in the chunk's selection) of exceptions
+    bits: torch.Tensor | None = None        # int32: their whole original bit patterns
+    values: torch.Tensor | None = None      # or: the original values themselves
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.low, self.mid, self.where, self.bits, self.values)
+                   if t is not None)
+
+
+def _save(original: torch.Tensor, perturbed: torch.Tensor) -> _Saved:
+    """Restore data for one chunk: ``original`` (a copy) and the values now in the weights.
+
+    For fp32, the cheapest of: the low 16 bits (2 bytes each) + the entries whose high 16 bits
+    changed (8 bytes each); the low 24 bits (3 bytes) + those whose high 8 bits changed (sign or
+    the top exponent bits: rare); the values (4 bytes).
+    """
+    n = original.numel()
+    if original.dtype != torch.float32 or n <= SMALL:
+        return _Saved(values=original)
+    old, new = original.view(torch.int32), perturbed.view(torch.int32)
+    changed = torch.bitwise_xor(old, new)
+    over16 = int(changed.bitwise_right_shift(16).count_nonzero())
+    over24 = int(changed.bitwise_right_shift_(24).count_nonzero())
+    cost = {"values": 4 * n, 16: 2 * n + 8 * over16, 24: 3 * n + 8 * over24}
+    keep = min(cost, key=cost.get)
+    if keep == "values":
+        return _Saved(values=original)
+    changed = torch.bitwise_xor(old, new).bitwise_right_shift_(keep)
+    where = torch.nonzero(changed).reshape(-1)
+    return _Saved(low=torch.bitwise_and(old, 0xFFFF).to(torch.int16),
+                  mid=old.bitwise_right_shift(16).bitwise_and_(0xFF).to(torch.uint8) if keep == 24 else None,
+                  where=where.to(torch.int32), bits=old[where])
+
+
+def _restored(current: torch.Tensor, saved: _Saved) -> torch.Tensor:
+    """The original fp32 values, from the perturbed ones now in the weights (``current``)."""
+    if saved.values is not None:
+        return saved.values
+    if saved.mid is None:
+        bits = current.view(torch.int32).bitwise_and(-65536)              # keep bits 16-31
+    else:
+        bits = current.view(torch.int32).bitwise_and(-16777216)           # keep bits 24-31
+        bits.bitwise_or_(saved.mid.to(torch.int32).bitwise_left_shift_(16))
+    bits.bitwise_or_(saved.low.to(torch.int32).bitwise_and_(0xFFFF))
+    bits[saved.where.to(torch.int64)] = saved.bits
+    return bits.view(torch.float32)
 
 
 @dataclass
 class Perturbation:
     """What :func:`perturb` changed, so :func:`restore` can undo it exactly."""
 
-    saved: dict[tuple[str, int], tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
-    """Per view: (indices or None for all entries, the original values there)."""
+    saved: dict[tuple[str, int], tuple[Mask, list[_Saved]]] = field(default_factory=dict)
+    """Per view: the mask of perturbed entries and, per chunk of its selections, the restore data."""
     grad_norm: float = 0.0
     """‖g‖ over all trainable entries (the full norm, whatever ``norm`` is)."""
     scale_norm: float = 0.0
     """n, the norm e is divided by."""
     perturbation_norm: float = 0.0
     """‖e‖."""
+    extra: list[float] = field(default_factory=list)
+    """The ``extra_sums`` given to :func:`perturb`, reduced in the same all-reduce."""
+    entries: int = 0
+    """Local entries perturbed (those the restore data covers)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held to restore the weights (excluding the masks, which FSAM keeps anyway)."""
+        return sum(s.nbytes for _, chunks in self.saved.values() for s in chunks)
 
 
 def perturb(views: list[ShardView], masks: dict, *, rho: float, eps: float, norm: str,
-            excluded_mode: str, adaptive: bool, group=None, save: bool = True) -> Perturbation:
+            excluded_mode: str, adaptive: bool, group=None, save: bool = True,
+            extra_sums: list[torch.Tensor] | tuple = ()) -> Perturbation:
     """Add e to each view's weights in place (DESIGN.md §1) and return what restores them.
 
-    One all-reduce of two fp64 sums: ‖g‖² (or ‖|w|⊙g‖² for ASAM) over all trainable entries, and
-    the squared norm of the entries that are perturbed.
+    ``masks``: per eligible view (keyed by (name, position)), a :class:`Mask` or a bool tensor.
+    One all-reduce of fp64 sums: ‖g‖² (or ‖|w|⊙g‖² for ASAM) over all trainable entries, the
+    same over the masked entries, the squared norm of the perturbed direction, and
+    ``extra_sums`` (local partials another caller wants reduced; returned in ``.extra``).
+    Works a chunk at a time: no temporary larger than :data:`~fsam_dist.core.masks.CHUNK` entries.
     """
-    pieces = []   # (view, indices or None, direction values at those entries)
-    full_sumsq = torch.zeros((), dtype=torch.float64)
-    masked_sumsq = torch.zeros((), dtype=torch.float64)
-    perturbed_sumsq = torch.zeros((), dtype=torch.float64)
+    plan = []   # (view, mask of the entries perturbed)
+    sums = torch.zeros(3, dtype=torch.float64)   # ‖normed‖² full, over the mask, ‖direction‖² perturbed
     for view in views:
-        d = direction(view, adaptive)
-        # ASAM's normaliser is ‖|w| ⊙ g‖, not ‖|w|² ⊙ g‖.
-        normed = (view.weights.to(torch.float32).abs() * view.grad.to(torch.float32)) if adaptive else d
-        full_sumsq += normed.double().square().sum()
         if view.eligible:
-            idx = masks[_key(view)].nonzero().reshape(-1)
-            masked_sumsq += normed[idx].double().square().sum()
-            pieces.append((view, idx, d[idx]))
+            mask = _as_mask(masks[_key(view)], view.numel)
         elif excluded_mode == "dense":
-            pieces.append((view, None, d))
-    for _, _, values in pieces:
-        perturbed_sumsq += values.double().square().sum()
-    full, masked, perturbed = (float(x) for x in global_sums([full_sumsq, masked_sumsq, perturbed_sumsq], group))
+            # Dense, but only where g != 0 (e is 0 elsewhere): an embedding's rows not in the
+            # batch are neither touched nor saved. Small parameters are not worth the scan.
+            mask = Mask.full(view.numel, view.weights.device) if view.numel <= SMALL else nonzero_mask(view.grad)
+        else:
+            mask = None
+        sums += _view_sums(view, mask, adaptive)
+        if mask is not None and mask.kind != "none":
+            plan.append((view, mask))
+    full_sumsq, masked_sumsq, perturbed_sumsq = sums
+    sums = global_sums([full_sumsq, masked_sumsq, perturbed_sumsq, *extra_sums], group).tolist()
+    full, masked, perturbed = sums[:3]
     n = math.sqrt(full if norm == "full" else masked)
     scale = rho / (n + eps)
-    result = Perturbation(grad_norm=math.sqrt(full), scale_norm=n, perturbation_norm=scale * math.sqrt(perturbed))
+    result = Perturbation(grad_norm=math.sqrt(full), scale_norm=n, perturbation_norm=scale * math.sqrt(perturbed),
+                          extra=sums[3:])
     with torch.no_grad():
-        for view, idx, values in pieces:
+        for view, mask in plan:
             w = view.weights
-            e = (values * scale).to(w.dtype)
-            if idx is None:
+            chunks = []
+            for sel in mask.selections():
+                if isinstance(sel, slice):
+                    e = (_direction(view.grad[sel], w[sel], adaptive) * scale).to(w.dtype)
+                    original = w[sel].clone() if save else None
+                    w[sel].add_(e)
+                    new = w[sel]
+                else:
+                    original = w[sel]
+                    e = (_direction(view.grad[sel], original, adaptive) * scale).to(w.dtype)
+                    new = original + e
+                    w[sel] = new
                 if save:
-                    result.saved[_key(view)] = (None, w.clone())
-                w.add_(e)
-            else:
-                original = w[idx]
-                if save:
-                    result.saved[_key(view)] = (idx, original)
-                w[idx] = original + e
+                    chunks.append(_save(original, new))
+            if save:
+                result.saved[_key(view)] = (mask, chunks)
+            result.entries += mask.count
     return result
 
 
@@ -150,12 +341,14 @@ def restore(views: list[ShardView], perturbation: Perturbation) -> None:
     """Put back the exact values :func:`perturb` saved (no w + e − e rounding)."""
     by_key = {_key(v): v for v in views}
     with torch.no_grad():
-        for key, (idx, original) in perturbation.saved.items():
+        for key, (mask, chunks) in perturbation.saved.items():
             w = by_key[key].weights
-            if idx is None:
-                w.copy_(original)
-            else:
-                w[idx] = original
+            n = 0
+            for sel, saved in zip(mask.selections(), chunks):
+                w[sel] = _restored(w[sel], saved)
+                n += 1
+            if n != len(chunks):
+                raise RuntimeError(f"restore: {key} has {n} chunks of perturbed entries, {len(chunks)} were saved")
 
 
 class FSAM:
@@ -170,19 +363,26 @@ class FSAM:
         excluded_mode: 'dense' (excluded entries get ρ·g/(n+ε)) or 'none' (not perturbed).
         adaptive: ASAM's |w|-scaled perturbation.
         eps: ε added to the norm (> 0).
+        interval: perturb (two passes) at optimizer steps ``t % interval == 0`` only; the other
+            steps are plain base-optimizer steps (Composer SAM's ``interval``). The mask is
+            refreshed at the first perturbing step at or after each multiple of ``mask_interval``
+            (the refresh schedule counts optimizer steps, not perturbing steps).
 
-    Call :meth:`ascend` after pass 1 and :meth:`descend` after pass 2 (before the base step).
+    Call :meth:`ascend` after pass 1 and :meth:`descend` after pass 2 (before the base step);
+    :meth:`perturbs_at` says whether a step has the two passes at all.
     """
 
     def __init__(self, *, rho: float = 0.05, keep_ratio: float = 0.1, mask_interval: int = 100,
                  fisher: str = "batch", norm: str = "full", excluded_mode: str = "dense",
-                 adaptive: bool = False, eps: float = 1e-12) -> None:
+                 adaptive: bool = False, eps: float = 1e-12, interval: int = 1) -> None:
         if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
             raise ValueError(f"Invalid rho: {rho!r} (must be a finite number >= 0)")
         if not (isinstance(keep_ratio, (int, float)) and 0 < keep_ratio <= 1):
             raise ValueError(f"Invalid keep_ratio: {keep_ratio!r} (must be in (0, 1])")
         if isinstance(mask_interval, bool) or not isinstance(mask_interval, int) or mask_interval < 1:
             raise ValueError(f"Invalid mask_interval: {mask_interval!r} (must be an int >= 1)")
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"Invalid interval: {interval!r} (must be an int >= 1)")
         if fisher not in FISHERS:
             raise ValueError(f"Invalid fisher: {fisher!r} (one of {FISHERS})")
         if norm not in NORMS:
@@ -193,14 +393,58 @@ class FSAM:
             raise ValueError(f"Invalid eps: {eps!r} (must be > 0)")
         self.rho, self.keep_ratio, self.mask_interval = float(rho), float(keep_ratio), mask_interval
         self.fisher, self.norm, self.excluded_mode = fisher, norm, excluded_mode
-        self.adaptive, self.eps = bool(adaptive), float(eps)
-        self.masks: dict[tuple[str, int], torch.Tensor] | None = None
+        self.adaptive, self.eps, self.interval = bool(adaptive), float(eps), interval
+        self._masks: dict[tuple[str, int], Mask] | None = None
         self.mask_step: int | None = None
         self._pending: Perturbation | None = None
 
+    # ---- the mask --------------------------------------------------------------------------
+
+    @property
+    def masks(self) -> dict[tuple[str, int], torch.Tensor] | None:
+        """The current mask as bool tensors per eligible view, keyed by (name, position) --
+        unpacked on every access (FSAM itself keeps :attr:`packed_masks`)."""
+        return None if self._masks is None else {key: m.to_bool() for key, m in self._masks.items()}
+
+    @masks.setter
+    def masks(self, masks) -> None:
+        if masks is None:
+            self._masks = None
+            return
+        self._masks = {key: m if isinstance(m, Mask) else Mask.from_bool(m) for key, m in masks.items()}
+
+    @property
+    def packed_masks(self) -> dict[tuple[str, int], Mask] | None:
+        """The current mask as stored (:class:`~fsam_dist.core.masks.Mask` per eligible view)."""
+        return self._masks
+
+    def state_nbytes(self) -> dict[str, int]:
+        """Bytes FSAM holds on this rank now: the mask, and the restore data of a pending
+        perturbation (between :meth:`ascend` and :meth:`descend`), with how many entries that
+        perturbation touched."""
+        mask = sum(m.nbytes for m in self._masks.values()) if self._masks else 0
+        saved = self._pending.nbytes if self._pending is not None else 0
+        entries = self._pending.entries if self._pending is not None else 0
+        return {"mask": mask, "restore": saved, "total": mask + saved, "perturbed_entries": entries}
+
+    # ---- schedule --------------------------------------------------------------------------
+
+    def perturbs_at(self, step: int) -> bool:
+        """Whether optimizer step ``step`` is a two-pass (perturbed) step."""
+        return step % self.interval == 0
+
     def refresh_due(self, step: int) -> bool:
-        """Whether the mask is (re)computed at optimizer step ``step``."""
-        return self.masks is None or (step % self.mask_interval == 0 and self.mask_step != step)
+        """Whether the mask is (re)computed at (perturbing) optimizer step ``step``: no mask yet,
+        or ``step`` is the first perturbing step at or after a multiple ``m`` of ``mask_interval``
+        and the mask was not refreshed since ``m``. With ``interval`` 1: ``step % mask_interval == 0``."""
+        if self._masks is None:
+            return True
+        latest = step - step % self.mask_interval
+        if step - latest >= self.interval:
+            return False
+        return self.mask_step is None or not latest <= self.mask_step <= step
+
+    # ---- the two halves of a perturbed step ------------------------------------------------
 
     def ascend(self, views: list[ShardView], step: int, group=None, scores: list[torch.Tensor] | None = None,
                save: bool = True) -> dict:
@@ -212,22 +456,26 @@ class FSAM:
         if self._pending is not None:
             raise RuntimeError("FSAM.ascend called twice without descend: weights are still perturbed")
         stats: dict = {}
+        extra = []
         if self.refresh_due(step):
-            if scores is None:
-                if self.fisher == "empirical":
-                    raise ValueError("fisher='empirical' needs the caller's Fisher scores at a refresh")
-                scores = fisher_scores(views)
-            previous = self.masks
-            self.masks, density = compute_mask(views, scores, self.keep_ratio, group)
+            if scores is None and self.fisher == "empirical":
+                raise ValueError("fisher='empirical' needs the caller's Fisher scores at a refresh")
+            previous = self._masks
+            self._masks, density = compute_mask(views, scores, self.keep_ratio, group)
             self.mask_step = step
             stats.update(mask_refreshed=1, mask_density=density)
-            if previous is not None and previous.keys() == self.masks.keys():
-                inter = sum((previous[k] & m).sum() for k, m in self.masks.items())
-                union = sum((previous[k] | m).sum() for k, m in self.masks.items())
-                inter, union = global_sums([torch.as_tensor(inter), torch.as_tensor(union)], group).tolist()
-                stats["mask_jaccard"] = inter / union if union else 1.0
-        self._pending = perturb(views, self.masks, rho=self.rho, eps=self.eps, norm=self.norm,
-                                excluded_mode=self.excluded_mode, adaptive=self.adaptive, group=group, save=save)
+            if previous is not None:
+                # Jaccard overlap with the previous mask, reduced in the perturbation's all-reduce.
+                inter = sum(m.intersection(previous[key]) for key, m in self._masks.items()
+                            if key in previous and previous[key].numel == m.numel)
+                union = sum(m.count for m in self._masks.values()) + sum(m.count for m in previous.values()) - inter
+                extra = [torch.tensor(float(inter)), torch.tensor(float(union))]
+        self._pending = perturb(views, self._masks, rho=self.rho, eps=self.eps, norm=self.norm,
+                                excluded_mode=self.excluded_mode, adaptive=self.adaptive, group=group, save=save,
+                                extra_sums=extra)
+        if extra:
+            inter, union = self._pending.extra
+            stats["mask_jaccard"] = inter / union if union else 1.0
         stats.update(grad_norm=self._pending.grad_norm, perturbation_norm=self._pending.perturbation_norm)
         return stats
 
@@ -241,12 +489,17 @@ class FSAM:
     def perturbed(self) -> bool:
         return self._pending is not None
 
+    # ---- checkpoints -----------------------------------------------------------------------
+
     def state_dict(self) -> dict:
-        """Local (per-rank) state: mask shards and the step of the last refresh."""
+        """Local (per-rank) state: compact mask shards and the step of the last refresh (plain
+        data: ``torch.load(..., weights_only=True)`` reads it)."""
         return {"mask_step": self.mask_step,
-                "masks": None if self.masks is None else
-                [(name, pos, m.clone()) for (name, pos), m in self.masks.items()]}
+                "masks": None if self._masks is None else
+                [(name, pos, m.state()) for (name, pos), m in self._masks.items()]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Load :meth:`state_dict` output (also the bool-tensor masks older checkpoints hold)."""
         self.mask_step = state["mask_step"]
-        self.masks = None if state["masks"] is None else {(n, p): m for n, p, m in state["masks"]}
+        self._masks = None if state["masks"] is None else \
+            {(n, p): Mask.from_state(m) for n, p, m in state["masks"]}

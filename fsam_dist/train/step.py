@@ -5,6 +5,9 @@
     pass 2 over the same micro-batches → g₂          (same dropout RNG as pass 1 if same_dropout)
     w ← w − e exactly; clip; base step; scheduler step
 
+With ``fsam.interval = k`` only steps ``t % k == 0`` have the perturbation and pass 2; the others
+run exactly the plain base-optimizer step (``fsam=None``), bit for bit.
+
 The step's loss is the mean over every target of the global batch: each micro-batch's loss sum
 is divided by the target count all-reduced over ranks, so splitting the batch over ranks or
 micro-batches leaves the gradient unchanged.
@@ -77,9 +80,12 @@ def train_step(backend: Backend, loss_fn: LossFn, micro_batches: list[dict], *, 
         backend: the adapter (``fsam_dist.shards``).
         loss_fn: ``loss_fn(model, micro_batch)`` → sum of the per-target losses.
         micro_batches: this rank's micro-batches of the step.
-        step: optimizer step index (drives the mask refresh schedule).
+        step: optimizer step index (drives the mask refresh schedule and, with
+            ``fsam.interval > 1``, which steps are perturbed).
         count_targets: number of targets in a micro-batch (e.g. label tokens).
-        fsam: the FSAM state, or None for the base optimizer alone.
+        fsam: the FSAM state, or None for the base optimizer alone. At a step that is not a
+            perturbing one (``not fsam.perturbs_at(step)``) the step is exactly the one with
+            ``fsam=None``: no FSAM work, no FSAM collectives.
         clip_grad_norm: global-norm clip applied to the gradient the base optimizer uses (0 = off).
         same_dropout: replay pass 1's RNG state in pass 2 (then ρ = 0 is the base optimizer).
         fisher_examples: called at an 'empirical' refresh; yields single-example batches,
@@ -87,7 +93,8 @@ def train_step(backend: Backend, loss_fn: LossFn, micro_batches: list[dict], *, 
 
     Returns:
         Statistics: ``loss`` (global mean at w), ``perturbed_loss`` (at w + e), ``sharpness``,
-        ``grad_norm``, ``perturbation_norm``, ``skipped`` (1 if the step was skipped), ...
+        ``grad_norm``, ``perturbation_norm``, ``skipped`` (1 if the step was skipped),
+        ``perturbed`` (1 if FSAM perturbed this step; with an ``fsam`` only), ...
     """
     if not micro_batches:
         raise ValueError("train_step needs at least one micro-batch")
@@ -97,6 +104,10 @@ def train_step(backend: Backend, loss_fn: LossFn, micro_batches: list[dict], *, 
         raise ValueError("train_step: the global batch has no targets")
     scale = backend.loss_multiplier / total_targets
     stats: dict = {"targets": total_targets, "skipped": 0}
+    if fsam is not None:
+        stats["perturbed"] = 0
+        if not fsam.perturbs_at(step):
+            fsam = None   # interval: a plain base-optimizer step
 
     scores = None
     if fsam is not None and fsam.fisher == "empirical" and fsam.refresh_due(step):
@@ -122,6 +133,7 @@ def train_step(backend: Backend, loss_fn: LossFn, micro_batches: list[dict], *, 
         try:
             stats.update(fsam.ascend(backend.views(), step, backend.group, scores=scores,
                                      save=backend.saves_weights))
+            stats["perturbed"] = 1
             backend.publish(restored=False)
             backend.zero_grad()
             if rng is not None:

@@ -1,0 +1,226 @@
+"""Peak memory per rank of AdamW, SAM and FSAM on each backend, and the size of FSAM's own state.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.memory [--backends single ddp zero2 zero3 fsdp2]
+                                                       [--d-model 512] [--layers 3] [--vocab 4096]
+
+Method. Every (backend, mode) runs in fresh processes (1 for 'single', 2 gloo ranks otherwise)
+on the same randomly initialised T5 and batches, for ``--warmup`` steps and then ``--steps``
+measured steps (the mask is refreshed every 2 steps, so refreshes fall in both). Two numbers:
+
+* **FSAM state** (exact): the bytes of the tensors FSAM holds on the rank, read right after
+  each perturbation (``FSAM.state_nbytes()``: the compact mask, and the restore data of the pending
+  perturbation; the maximum over the measured steps). Compared with the *full copy* a
+  conventional SAM keeps to restore the weights: 4 bytes × the rank's local trainable entries.
+* **Peak RSS** (``VmHWM`` of the process, Linux): reset after the warm-up by writing 5 to
+  ``/proc/self/clear_refs`` -- so import and engine-construction peaks do not count, but the
+  weights, gradients, optimizer state and the mask, allocated by then, do -- and read after the
+  measured steps: the high-water mark of resident memory during training steps, which includes
+  every transient (activations, gradient buckets, FSAM's temporaries). ``tracemalloc`` cannot
+  see torch's CPU allocations and ``torch.cuda.max_memory_allocated`` has no CPU counterpart,
+  so RSS is what the OS charges. Its difference to the AdamW run of the same backend is what
+  SAM / FSAM add. The workers run with ``MALLOC_MMAP_THRESHOLD_=131072`` (unless set): every
+  allocation of 128 KiB or more is its own mapping, returned to the OS when freed, so RSS follows
+  the live tensors instead of glibc's heap fragmentation (without it, chunk-sized temporaries
+  made the SAM and FSAM peaks tens of MB higher, differing from run to run).
+
+Modes: AdamW (one pass), SAM (keep_ratio 1, no parameter excluded: every entry perturbed) and
+FSAM (keep_ratio 0.1, default exclusions: biases, layer norms, embeddings, relative attention
+bias are perturbed densely where their gradient is non-zero). Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+
+import torch
+import torch.multiprocessing as mp
+
+MODES = {
+    "AdamW": None,
+    "SAM (κ=1)": dict(rho=0.05, keep_ratio=1.0, exclude=()),
+    "FSAM (κ=0.1)": dict(rho=0.05, keep_ratio=0.1),
+}
+BACKENDS = ["single", "ddp", "zero0", "zero1", "zero2", "zero3", "fsdp1", "fsdp2"]
+
+
+def _status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM", "VmRSS")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _model(args):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(
+        vocab_size=args.vocab, d_model=args.d_model, d_kv=args.d_model // 8, d_ff=4 * args.d_model,
+        num_layers=args.layers, num_heads=8, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+        decoder_start_token_id=0, pad_token_id=0))
+
+
+def _batch(args, step: int, rank: int) -> dict:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    src = torch.randint(2, args.vocab, (args.micro, 32), generator=g)
+    return {"input_ids": src, "attention_mask": torch.ones_like(src),
+            "labels": torch.randint(2, args.vocab, (args.micro, 16), generator=g)}
+
+
+def _backend(name: str, model, exclude, args):
+    from fsam_dist.core import DEFAULT_EXCLUDE
+
+    exclude = DEFAULT_EXCLUDE if exclude is None else exclude
+    optimizer_factory = lambda params: torch.optim.AdamW(params, lr=1e-4)   # noqa: E731
+    if name in ("single", "ddp"):
+        from torch.nn.parallel import DistributedDataParallel
+
+        from fsam_dist.shards.local import LocalBackend
+
+        wrapped = DistributedDataParallel(model) if name == "ddp" else model
+        return LocalBackend(wrapped, optimizer_factory(wrapped.parameters()), exclude=exclude)
+    if name.startswith("zero"):
+        from fsam_dist.shards.deepspeed import DeepSpeedBackend
+
+        ds = {"train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": 1,
+              "gradient_clipping": 0.0, "zero_optimization": {"stage": int(name[-1])}, "steps_per_print": 10 ** 9}
+        return DeepSpeedBackend(model, ds, optimizer_factory(model.parameters()), exclude=exclude)
+    from fsam_dist.shards.fsdp import FSDPBackend
+
+    return FSDPBackend(model, version=int(name[-1]), optimizer_factory=optimizer_factory, exclude=exclude)
+
+
+def _worker(rank: int, world: int, port: int, name: str, mode: str, args, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    distributed = name != "single"
+    if distributed:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        if name.startswith("zero"):
+            import deepspeed
+
+            from fsam_dist.shards.deepspeed import skip_cpu_shm_build
+
+            skip_cpu_shm_build()
+            deepspeed.init_distributed(dist_backend="gloo")
+    from fsam_dist.core import FSAM
+    from fsam_dist.train.loss import count_target_tokens, seq2seq_loss_sum
+    from fsam_dist.train.step import train_step
+
+    kwargs = MODES[mode]
+    exclude = kwargs.get("exclude") if kwargs else None
+    backend = _backend(name, _model(args), exclude, args)
+    fsam = FSAM(mask_interval=2, **{k: v for k, v in kwargs.items() if k != "exclude"}) if kwargs else None
+    state_bytes = []
+    if fsam is not None:
+        ascend = fsam.ascend
+
+        def recording_ascend(*a, **k):
+            stats = ascend(*a, **k)
+            state_bytes.append(fsam.state_nbytes())
+            return stats
+
+        fsam.ascend = recording_ascend
+    times = []
+    local = []   # trainable entries this rank owns: counted from the views the step reads
+    views = backend.views
+
+    def counting_views():
+        found = views()
+        if not local:
+            local.append(sum(v.numel for v in found))
+        return found
+
+    backend.views = counting_views
+    import time
+
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            if distributed:
+                dist.barrier()
+            state_bytes.clear()
+            _reset_peak()
+            baseline = _status()["VmRSS"]
+        start = time.perf_counter()
+        train_step(backend, seq2seq_loss_sum, [_batch(args, step, rank)], step=step,
+                   count_targets=count_target_tokens, fsam=fsam)
+        times.append(time.perf_counter() - start)
+    peak = _status()["VmHWM"]
+    local = local[0]
+    worst = max(state_bytes, key=lambda s: s["total"]) if state_bytes else \
+        {"mask": 0, "restore": 0, "total": 0, "perturbed_entries": 0}
+    queue.put({"rank": rank, "peak": peak, "baseline": baseline, "local": local, "state": worst,
+               "step": statistics.median(times[args.warmup:])})
+    if distributed:
+        dist.destroy_process_group()
+
+
+def run(name: str, mode: str, args) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world = 1 if name == "single" else args.world
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, name, mode, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = sorted((queue.get(timeout=1800) for _ in procs), key=lambda r: r["rank"])
+    for p in procs:
+        p.join()
+    return results
+
+
+def main() -> None:
+    # Allocations of 128 KiB and more are mmap-ed and given back to the OS when freed, whatever
+    # glibc's dynamic threshold would do: RSS then follows the live tensors, not the heap's
+    # fragmentation. Read by glibc at process start, so set for the spawned workers here.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", nargs="+", default=["single", "ddp", "zero2", "zero3", "fsdp2"],
+                        choices=BACKENDS)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--micro", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    n = sum(p.numel() for p in _model(args).parameters())
+    print(f"T5 d_model {args.d_model}, {args.layers}+{args.layers} layers, vocab {args.vocab}: {n / 1e6:.2f} M "
+          f"parameters (fp32); {args.world} gloo ranks (1 for single); micro-batch {args.micro}; peaks over "
+          f"{args.steps} steps after {args.warmup} warm-up; rank 0 shown (rank 1 within a few MB)\n", flush=True)
+    print("| backend | mode | local entries | peak RSS | Δ peak vs AdamW | FSAM state: mask | restore data "
+          "(B / perturbed entry) | state total | state / full copy (4 B × local) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    mb = 2 ** 20
+    for name in args.backends:
+        adamw_peak = None
+        for mode in MODES:
+            r = run(name, mode, args)[0]
+            if adamw_peak is None:
+                adamw_peak = r["peak"]
+            s = r["state"]
+            print(f"| {name} | {mode} | {r['local'] / 1e6:.2f} M | {r['peak'] / mb:.0f} MB | "
+                  f"{(r['peak'] - adamw_peak) / mb:+.1f} MB | {s['mask'] / mb:.2f} MB | {s['restore'] / mb:.2f} MB "
+                  f"({s['restore'] / max(1, s.get('perturbed_entries', 0)):.2f}) | "
+                  f"{s['total'] / mb:.2f} MB | {s['total'] / (4 * r['local']):.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
