@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ..core import DEFAULT_EXCLUDE, ShardView  # noqa: F401  (re-exported)
+from ..core import DEFAULT_EXCLUDE, ShardView, grad_norm  # noqa: F401  (re-exported)
 
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
 """``loss_fn(model, micro_batch)`` → the *sum* of per-target losses of the micro-batch."""
@@ -60,8 +60,24 @@ class Backend:
 
     def clip_and_step(self, max_norm: float) -> float:
         """Clip to the global norm ``max_norm`` (0 = off), step the base optimizer and scheduler.
-        Returns the global gradient norm before clipping."""
-        raise NotImplementedError
+        Returns the global gradient norm before clipping.
+
+        Default for adapters whose views' gradients are the ones ``self.optimizer`` steps with
+        (one process, DDP, FSDP): the norm comes from the core, over this rank's shards."""
+        views = self.views()
+        norm = grad_norm(views, self.group)
+        if max_norm > 0:
+            # The same coefficient as torch.nn.utils.clip_grad_norm_, from the global norm.
+            coef = max_norm / (norm + 1e-6)
+            if coef < 1:
+                with torch.no_grad():
+                    for v in views:
+                        v.grad.mul_(coef)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.zero_grad()
+        return norm
 
     def current_lr(self) -> float | None:
         """The base optimizer's current learning rate (first parameter group)."""

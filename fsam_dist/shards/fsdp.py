@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..core import DEFAULT_EXCLUDE, REPLICATED, ShardView, global_positions, global_sums, grad_norm, is_eligible
+from ..core import DEFAULT_EXCLUDE, REPLICATED, ShardView, global_positions, global_sums, is_eligible
 from .base import Backend, LossFn
 
 DEFAULT_WRAP_CLASSES = ("T5Block", "BartEncoderLayer", "BartDecoderLayer")
@@ -541,22 +541,6 @@ class FSDPBackend(Backend):
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-
-    def clip_and_step(self, max_norm: float) -> float:
-        views = self.views()
-        norm = grad_norm(views, self.group)
-        if max_norm > 0:
-            # The same coefficient as torch.nn.utils.clip_grad_norm_, from the global norm.
-            coef = max_norm / (norm + 1e-6)
-            if coef < 1:
-                with torch.no_grad():
-                    for v in views:
-                        v.grad.mul_(coef)
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.zero_grad()
-        return norm
 
     # ---- checkpoints -----------------------------------------------------------------------
 

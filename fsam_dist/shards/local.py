@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ..core import DEFAULT_EXCLUDE, REPLICATED, ShardView, global_positions, grad_norm, is_eligible
+from ..core import DEFAULT_EXCLUDE, REPLICATED, ShardView, global_positions, is_eligible
 from .base import Backend, LossFn
 
 
@@ -63,22 +63,6 @@ class LocalBackend(Backend):
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-
-    def clip_and_step(self, max_norm: float) -> float:
-        views = self.views()
-        norm = grad_norm(views, self.group)
-        if max_norm > 0:
-            # The same coefficient as torch.nn.utils.clip_grad_norm_.
-            coef = max_norm / (norm + 1e-6)
-            if coef < 1:
-                with torch.no_grad():
-                    for v in views:
-                        v.grad.mul_(coef)
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.zero_grad()
-        return norm
 
     def save_state(self, path: str) -> None:
         """``torch.save`` of module, optimizer and scheduler state into ``path/local_state.pt``
