@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .core.views import DEFAULT_EXCLUDE
 
@@ -42,6 +42,12 @@ class FSAMConfig(_Section):
     """Perturb (FSAM's two passes) only at optimizer steps t with t % interval == 0; the other
     steps are plain one-pass base-optimizer steps, bit for bit (Composer SAM's interval). Step
     time → (1 + 1/interval) × the base optimizer's."""
+    reuse_direction: bool = False
+    """LookSAM (needs interval > 1): on the plain steps use g + reuse_alpha · ‖g‖/‖g_v‖ · g_v,
+    g_v the part of the last perturbed step's gradient orthogonal to its pass-1 gradient. Costs
+    one gradient-sized buffer per rank (sharded like the gradients)."""
+    reuse_alpha: float = Field(0.7, ge=0, allow_inf_nan=False)
+    """LookSAM's α, the weight of the reused direction (paper: 0.7)."""
     fisher: Literal["batch", "empirical"] = "batch"
     """'batch': F = g² of the step's reduced gradient (the official code). 'empirical': Σ over
     fisher_samples single training examples of (∇ log p)², the same examples on every rank."""
@@ -72,6 +78,13 @@ class FSAMConfig(_Section):
                 raise ValueError(f"{pattern!r} is not a valid regex ({err})") from None
         return patterns
 
+    @model_validator(mode="after")
+    def _reuse_needs_interval(self):
+        if self.reuse_direction and self.interval == 1:
+            raise ValueError("reuse_direction: true needs interval > 1 (every step is perturbed at interval 1): "
+                             "set fsam.interval (e.g. 5, as in LookSAM) or reuse_direction: false")
+        return self
+
     def build(self):
         """The core :class:`~fsam_dist.core.FSAM` for these settings (None when disabled)."""
         from .core import FSAM
@@ -80,7 +93,8 @@ class FSAMConfig(_Section):
             return None
         return FSAM(rho=self.rho, keep_ratio=self.keep_ratio, mask_interval=self.mask_interval,
                     fisher=self.fisher, norm=self.norm, excluded_mode=self.excluded_mode,
-                    adaptive=self.adaptive, eps=self.eps, interval=self.interval)
+                    adaptive=self.adaptive, eps=self.eps, interval=self.interval,
+                    reuse_direction=self.reuse_direction, reuse_alpha=self.reuse_alpha)
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:

@@ -45,6 +45,7 @@ class Case(NamedTuple):
     nan_plan: dict | None = None
     config: dict | None = None          # merged into the DeepSpeed config
     fisher: str = "batch"
+    looksam: bool = False               # fsam.interval 3 with reuse_direction (LookSAM)
 
 
 BF16 = {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
@@ -65,6 +66,10 @@ CASES_2 = {
     # DeepSpeedZeroOptimizer's fp32 partition buffer that accumulates until step() at stage 2.
     **{f"t5-z{s}-bf16-{kind}": Case("t5", s, rho=rho, config=BF16)
        for s in (1, 2) for kind, rho in (("rho0", 0.0), ("plain", None))},
+    # LookSAM: the reused g_v is added to the gradient the engine steps (and clips) with.
+    "t5-z1-looksam": Case("t5", 1, looksam=True),
+    "t5-z2-clip-looksam": Case("t5", 2, clip=1.0, looksam=True),
+    "t5-z3-looksam": Case("t5", 3, looksam=True),
     "bart-z1": Case("bart", 1),
     "bart-z3": Case("bart", 3),
 }
@@ -102,7 +107,8 @@ def make_optimizer(model):
 
 
 def make_fsam(case: Case) -> FSAM | None:
-    return None if case.rho is None else FSAM(**{**FSAM_KW, "rho": case.rho, "fisher": case.fisher})
+    looksam = {"interval": 3, "reuse_direction": True} if case.looksam else {}
+    return None if case.rho is None else FSAM(**{**FSAM_KW, "rho": case.rho, "fisher": case.fisher, **looksam})
 
 
 def micro_batches(step: int, world: int, rank: int) -> list[dict]:
@@ -281,7 +287,8 @@ def check_against_reference(results: list[dict], name: str, case: Case, world: i
 
 
 @pytest.mark.parametrize("name", ["t5-z0", "t5-z1", "t5-z2", "t5-z3", "t5-z0-clip", "t5-z1-clip",
-                                  "t5-z3-clip-skip", "t5-z2-skip", "t5-z2-empirical", "bart-z1", "bart-z3"])
+                                  "t5-z3-clip-skip", "t5-z2-skip", "t5-z2-empirical", "bart-z1", "bart-z3",
+                                  "t5-z1-looksam", "t5-z2-clip-looksam", "t5-z3-looksam"])
 def test_two_ranks_match_single_process(two_ranks, name):
     case = CASES_2[name]
     if case.nan_plan:

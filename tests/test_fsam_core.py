@@ -10,6 +10,7 @@ import torch
 
 from fsam_dist.config import ConfigError, FSAMConfig, validate
 from fsam_dist.core import FSAM, Mask, ShardView, perturb, restore
+from fsam_dist.core import fsam as fsam_module
 from fsam_dist.core.fsam import fisher_scores
 from fsam_dist.core.masks import CHUNK, pack_bits, unpack_bits
 from fsam_dist.core.select import global_topk_mask, topk_masks
@@ -522,3 +523,141 @@ def test_interval_config_builds_into_fsam():
             validate(FSAMConfig, {"interval": bad}, prefix="fsam.")
     with pytest.raises(ValueError, match="interval"):
         FSAM(interval=0)
+
+
+@pytest.mark.parametrize("spread", [2 ** 10, 2 ** 16 - 1, 2 ** 16, 2 ** 20, 2 ** 24, 2 ** 30])
+def test_restore_with_carry_bits_is_exact_for_every_move(spread):
+    """The carry encoding at its edges: bit patterns moved up and down by up to ``spread`` units in
+    the last place (so across the low-16/24-bit boundary both ways, exactly 2^16, and sign flips
+    around ±0), restored bit for bit; each chunk never costs more than the plain values."""
+    from fsam_dist.core.fsam import _restored, _save
+    g = torch.Generator().manual_seed(spread)
+    n = 2 * (fsam_module.SMALL + 1)
+    old = (torch.randn(n, generator=g) * 0.05).view(torch.int32)
+    old[:4] = torch.tensor([0.0, -0.0, 1e-44, -1e-44]).view(torch.int32)
+    move = torch.randint(-spread, spread + 1, (n,), generator=g, dtype=torch.int64)
+    move[4:8] = torch.tensor([2 ** 16, -(2 ** 16), 2 ** 16 - 1, -(2 ** 16 - 1)])
+    moved = (old.to(torch.int64) + move)
+    # stay inside the finite same-sign patterns; ±0 get pushed across the sign by a float add
+    moved = moved.clamp(-(2 ** 31) + 2 ** 24 + 1, 2 ** 31 - 2 ** 24 - 1).to(torch.int32)
+    new = moved.view(torch.float32).clone()
+    new[:4] = torch.tensor([-1e-30, 1e-30, -1e-40, 1e-40])
+    original = old.view(torch.float32).clone()
+    saved = _save(original.clone(), new)
+    back = _restored(new.clone(), saved)
+    assert torch.equal(back.view(torch.int32), original.view(torch.int32))
+    assert saved.nbytes <= 4 * n
+    if spread < 2 ** 16:
+        # at most the low 16 bits + carry with 6 exceptions (±0 flips, ±2^16); without the carry
+        # bit when fewer than 1/64 of the entries moved their high bits
+        assert saved.mid is None and saved.nbytes <= 2 * n + -(-n // 8) + 8 * 6, saved
+        assert (saved.carry is not None) == (spread > 2 ** 12), saved
+
+
+# ---- LookSAM: fsam.reuse_direction (issue 8) ------------------------------------------------------
+
+
+def _looksam_reference(steps: int, k: int, rho: float, alpha: float) -> dict:
+    """LookSAM (Liu et al. 2022, Alg. 1) with SAM's perturbation, written out on one model."""
+    ref = tiny_t5(seed=0)
+    opt = torch.optim.AdamW(ref.parameters(), lr=LR)
+    params = list(ref.parameters())
+    g_v = None
+
+    def grads(mb, total):
+        opt.zero_grad()
+        (seq2seq_loss_sum(ref, mb) / total).backward()
+        return [p.grad.detach().clone() for p in params]
+
+    def norm(ts):
+        return math.sqrt(sum(float(t.double().square().sum()) for t in ts))
+
+    def dot(a, b):
+        return sum(float(torch.dot(x.double().reshape(-1), y.double().reshape(-1))) for x, y in zip(a, b))
+
+    for step in range(steps):
+        mb = batches(step)[0]
+        total = count_target_tokens(mb)
+        g = grads(mb, total)
+        if step % k == 0:
+            saved = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, x in zip(params, g):
+                    p.add_(x * (rho / (norm(g) + 1e-12)))
+            g_s = grads(mb, total)
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+            coef = dot(g, g_s) / dot(g, g)
+            g_v = [s - coef * x for s, x in zip(g_s, g)]
+            final = g_s
+        else:
+            final = [x + alpha * norm(g) / norm(g_v) * v for x, v in zip(g, g_v)]
+        for p, x in zip(params, final):
+            p.grad = x
+        opt.step()
+    return state(ref)
+
+
+def test_reuse_direction_is_looksam():
+    """keep 1, nothing excluded, interval 3, α 0.7: the same weights as LookSAM written out."""
+    model, _, backend, fsam = make_run(rho=0.05, keep_ratio=1.0, mask_interval=100, interval=3,
+                                       reuse_direction=True, reuse_alpha=0.7)
+    backend.eligible = {n: True for n in backend.eligible}
+    reused = []
+    for step in range(7):
+        stats = train_step(backend, seq2seq_loss_sum, batches(step), step=step, count_targets=count_target_tokens,
+                           fsam=fsam)
+        reused.append(stats.get("reused_direction", 0))
+        if step % 3:
+            assert stats["reuse_scale"] > 0
+    assert reused == [0, 1, 1, 0, 1, 1, 0]
+    expected = _looksam_reference(7, 3, 0.05, 0.7)
+    plain = _looksam_reference(7, 3, 0.05, 0.0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    # the reused direction changed the result (else the comparison above proves nothing)
+    assert max(float((expected[n] - plain[n]).abs().max()) for n in expected) > 1e-4
+    assert fsam.state_nbytes()["reuse"] == 4 * sum(p.numel() for p in model.parameters())
+
+
+def test_reuse_alpha_zero_is_the_interval_bit_for_bit_and_resume_keeps_g_v():
+    runs = []
+    for kwargs in ({"reuse_direction": True, "reuse_alpha": 0.0}, {}):
+        model, _, backend, fsam = make_run(rho=0.05, keep_ratio=0.1, mask_interval=4, interval=2, **kwargs)
+        for step in range(5):
+            train_step(backend, seq2seq_loss_sum, batches(step), step=step, count_targets=count_target_tokens,
+                       fsam=fsam)
+        runs.append(state(model))
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+
+    # g_v travels in the state dict (weights_only-safe): resuming mid-interval continues identically
+    kwargs = dict(rho=0.05, keep_ratio=0.1, mask_interval=4, interval=3, reuse_direction=True)
+    model, opt, backend, fsam = make_run(**kwargs)
+    for step in range(4):
+        train_step(backend, seq2seq_loss_sum, batches(step), step=step, count_targets=count_target_tokens, fsam=fsam)
+    buffer = io.BytesIO()
+    torch.save({"fsam": fsam.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model2, opt2, backend2, fsam2 = make_run(**kwargs)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    fsam2.load_state_dict(saved["fsam"])
+    for step in range(4, 6):
+        for b, f in ((backend, fsam), (backend2, fsam2)):
+            stats = train_step(b, seq2seq_loss_sum, batches(step), step=step, count_targets=count_target_tokens,
+                               fsam=f)
+            assert stats["reused_direction"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def test_reuse_direction_config():
+    built = validate(FSAMConfig, {"interval": 5, "reuse_direction": True, "reuse_alpha": 0.5}).build()
+    assert built.reuse_direction and built.reuse_alpha == 0.5
+    with pytest.raises(ConfigError, match="reuse_direction.*interval"):
+        validate(FSAMConfig, {"reuse_direction": True}, prefix="fsam.")
+    with pytest.raises(ConfigError, match="fsam.reuse_alpha"):
+        validate(FSAMConfig, {"interval": 2, "reuse_direction": True, "reuse_alpha": -1}, prefix="fsam.")
+    with pytest.raises(ValueError, match="reuse_direction needs interval"):
+        FSAM(reuse_direction=True)

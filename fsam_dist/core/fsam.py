@@ -27,13 +27,15 @@ so the answer does not depend on how the parameters are sharded.
 State kept per rank (:mod:`.masks`): the mask, bit-packed or as int32 indices (whichever is
 smaller: 1/8 byte per eligible entry at κ = 0.1); and, between the perturbation and the restore
 only, what restores the weights exactly: for fp32 weights the *low 16 bits* of each perturbed
-entry (2 bytes) -- the high 16 bits are still those of the perturbed value, except where the
-perturbation changed them, and those entries (an exponent or a high mantissa bit changed) keep
-their whole original bit pattern with an int32 position. Per chunk of 2^20 entries the cheapest
-of that, the low 24 bits (3 bytes; exceptions only where the sign or the top exponent bits
-changed) and the plain values (4 bytes) is kept: |e| / |w| decides (about 2^-12 at the T5-3B
-scale: a few % exceptions; near 1 in a tiny model: values). Weights of other dtypes keep their
-values. No int64 indices are kept: they are recomputed, chunk by chunk, from the mask.
+entry and one carry bit (2.125 bytes) -- the high 16 bits are read back from the perturbed
+value, which moved them by at most one unit where |e| is below 2^16 units in the last place of
+w (the carry bit says whether they moved; the low bits say which way). Entries that changed sign
+or moved further keep their whole original bit pattern with an int32 position. Per chunk of
+2^20 entries the cheapest of that, the same without the carry bit (exceptions wherever the high
+bits moved), the low 24 bits with or without it, and the plain values (4 bytes) is kept: |e| /
+|w| decides (about 2^-12 at the T5-3B scale; near 1 in a tiny model: values). Weights of other
+dtypes keep their values. No int64 indices are kept: they are recomputed, chunk by chunk, from
+the mask.
 
 This module holds the functional pieces (:func:`grad_norm`, :func:`fisher_scores`,
 :func:`compute_mask`, :func:`perturb`, :func:`restore`) and a thin stateful :class:`FSAM`.
@@ -47,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .comm import global_sums
-from .masks import CHUNK, Mask, pack_bits
+from .masks import CHUNK, Mask, pack_bits, unpack_bits
 from .select import topk_masks
 from .views import ShardView
 
@@ -209,39 +211,51 @@ class _Saved:
     """How one chunk of perturbed entries is put back (see the module docstring)."""
 
     low: torch.Tensor | None = None         # int16: bits 0-15 of each original fp32 bit pattern
-    mid: torch.Tensor | None = None         # uint8: bits 16-23 as well (when 16 bits had many exceptions)
+    mid: torch.Tensor | None = None         # uint8: bits 16-23 as well (24 low bits kept)
+    carry: torch.Tensor | None = None       # bit-packed: the bits above the low ones changed (by ±1)
     where: torch.Tensor | None = None       # int32: positions (in the chunk's selection) of exceptions
     bits: torch.Tensor | None = None        # int32: their whole original bit patterns
     values: torch.Tensor | None = None      # or: the original values themselves
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.low, self.mid, self.where, self.bits, self.values)
-                   if t is not None)
+        return sum(t.numel() * t.element_size()
+                   for t in (self.low, self.mid, self.carry, self.where, self.bits, self.values) if t is not None)
 
 
 def _save(original: torch.Tensor, perturbed: torch.Tensor) -> _Saved:
     """Restore data for one chunk: ``original`` (a copy) and the values now in the weights.
 
-    For fp32, the cheapest of: the low 16 bits (2 bytes each) + the entries whose high 16 bits
-    changed (8 bytes each); the low 24 bits (3 bytes) + those whose high 8 bits changed (sign or
-    the top exponent bits: rare); the values (4 bytes).
+    For fp32, the cheapest of (n entries; "exceptions" keep their whole bit pattern, 8 bytes):
+
+    * the low b = 16 or 24 bits of each original bit pattern, exceptions where the bits above
+      them changed (b/8 bytes each);
+    * the same plus one carry bit each, exceptions only where the sign changed or the bit
+      patterns differ by 2^b or more: a same-sign fp32 bit pattern is an integer that moves by
+      the perturbation's size in units of the last place, so the bits above the low b moved by at
+      most ±1, and which of the two it was is told by the low bits themselves (b/8 + 1/8 bytes);
+    * the values (4 bytes).
     """
     n = original.numel()
     if original.dtype != torch.float32 or n <= SMALL:
         return _Saved(values=original)
     old, new = original.view(torch.int32), perturbed.view(torch.int32)
     changed = torch.bitwise_xor(old, new)
-    over16 = int(changed.bitwise_right_shift(16).count_nonzero())
-    over24 = int(changed.bitwise_right_shift_(24).count_nonzero())
-    cost = {"values": 4 * n, 16: 2 * n + 8 * over16, 24: 3 * n + 8 * over24}
+    sign_flip = changed < 0
+    distance = torch.sub(old, new).abs_()        # exact when the sign is kept (|Δ| < 2^31)
+    cost = {"values": 4 * n}
+    for b in (16, 24):
+        cost[(b, False)] = b // 8 * n + 8 * int(changed.bitwise_right_shift(b).count_nonzero())
+        cost[(b, True)] = b // 8 * n + -(-n // 8) + 8 * int((sign_flip | (distance >= 1 << b)).count_nonzero())
     keep = min(cost, key=cost.get)
     if keep == "values":
         return _Saved(values=original)
-    changed = torch.bitwise_xor(old, new).bitwise_right_shift_(keep)
-    where = torch.nonzero(changed).reshape(-1)
+    b, carry = keep
+    exception = (sign_flip | (distance >= 1 << b)) if carry else changed.bitwise_right_shift(b) != 0
+    where = torch.nonzero(exception).reshape(-1)
     return _Saved(low=torch.bitwise_and(old, 0xFFFF).to(torch.int16),
-                  mid=old.bitwise_right_shift(16).bitwise_and_(0xFF).to(torch.uint8) if keep == 24 else None,
+                  mid=old.bitwise_right_shift(16).bitwise_and_(0xFF).to(torch.uint8) if b == 24 else None,
+                  carry=pack_bits(changed.bitwise_right_shift(b) != 0) if carry else None,
                   where=where.to(torch.int32), bits=old[where])
 
 
@@ -249,12 +263,20 @@ def _restored(current: torch.Tensor, saved: _Saved) -> torch.Tensor:
     """The original fp32 values, from the perturbed ones now in the weights (``current``)."""
     if saved.values is not None:
         return saved.values
-    if saved.mid is None:
-        bits = current.view(torch.int32).bitwise_and(-65536)              # keep bits 16-31
-    else:
-        bits = current.view(torch.int32).bitwise_and(-16777216)           # keep bits 24-31
-        bits.bitwise_or_(saved.mid.to(torch.int32).bitwise_left_shift_(16))
-    bits.bitwise_or_(saved.low.to(torch.int32).bitwise_and_(0xFFFF))
+    now = current.view(torch.int32)
+    low = saved.low.to(torch.int32).bitwise_and_(0xFFFF)
+    b = 16 if saved.mid is None else 24
+    if b == 24:
+        low.bitwise_or_(saved.mid.to(torch.int32).bitwise_left_shift_(16))
+    bits = now.bitwise_and(-(1 << b))                                     # the bits above the low b
+    if saved.carry is not None:
+        # Where they moved, the original is the neighbour within 2^b of the current pattern:
+        # one up if its low bits are below the current ones, else one down.
+        moved = unpack_bits(saved.carry, now.numel())
+        step = torch.full_like(bits, 1 << b)
+        step = torch.where(low < now.bitwise_and((1 << b) - 1), step, step.neg())
+        bits.add_(step.mul_(moved))
+    bits.bitwise_or_(low)
     bits[saved.where.to(torch.int64)] = saved.bits
     return bits.view(torch.float32)
 
@@ -351,6 +373,57 @@ def restore(views: list[ShardView], perturbation: Perturbation) -> None:
                 raise RuntimeError(f"restore: {key} has {n} chunks of perturbed entries, {len(chunks)} were saved")
 
 
+def _dots(views: list[ShardView], others: dict) -> torch.Tensor:
+    """Local fp64 [⟨o, g⟩, ⟨o, o⟩, ⟨g, g⟩] of each view's gradient g and its tensor o in ``others``."""
+    out = torch.zeros(3, dtype=torch.float64)
+    for v in views:
+        other = others[_key(v)]
+        for start in range(0, v.numel, CHUNK):
+            g = v.grad[start:start + CHUNK].to(torch.float64)
+            o = other[start:start + CHUNK].to(torch.float64)
+            out += torch.stack([torch.dot(o, g), torch.dot(o, o), torch.dot(g, g)]).cpu()
+    return out
+
+
+def sharpness_component(views: list[ShardView], first: dict, group=None) -> float:
+    """LookSAM's g_v = g_s − (⟨g, g_s⟩ / ‖g‖²) · g, written in place over ``first``.
+
+    ``first``: per view key, a copy of the pass-1 gradient g; the views hold g_s (pass 2, at
+    w + e). g_v is the part of g_s orthogonal to g: what the perturbation added. One all-reduce of
+    3 fp64. Returns this rank's Σ g_v² (reduced later, with the next step's ‖g‖²)."""
+    dot, first_sumsq, _ = global_sums(list(_dots(views, first)), group).tolist()
+    coef = dot / first_sumsq if first_sumsq > 0 else 0.0
+    local = 0.0
+    with torch.no_grad():
+        for v in views:
+            g = first[_key(v)]
+            for start in range(0, v.numel, CHUNK):
+                piece = g[start:start + CHUNK]
+                piece.mul_(-coef).add_(v.grad[start:start + CHUNK])
+                local += float(_sumsq(piece))
+    return local
+
+
+def add_sharpness_component(views: list[ShardView], component: dict, component_sumsq: float, alpha: float,
+                            group=None) -> dict:
+    """LookSAM's plain step: g ← g + α · ‖g‖ / ‖g_v‖ · g_v on each view's gradient, in place.
+
+    One all-reduce of [‖g‖², ‖g_v‖²] (``component_sumsq``: this rank's Σ g_v²). Nothing is
+    added when g_v is 0."""
+    local = torch.zeros((), dtype=torch.float64)
+    for v in views:
+        for start in range(0, v.numel, CHUNK):
+            local += _sumsq(v.grad[start:start + CHUNK]).cpu()
+    grad_sumsq, component_sumsq = global_sums([local, torch.tensor(component_sumsq, dtype=torch.float64)],
+                                              group).tolist()
+    scale = alpha * math.sqrt(grad_sumsq / component_sumsq) if component_sumsq > 0 else 0.0
+    if scale:
+        with torch.no_grad():
+            for v in views:
+                v.grad.add_(component[_key(v)].to(v.grad.dtype), alpha=scale)
+    return {"grad_norm": math.sqrt(grad_sumsq), "reuse_scale": scale}
+
+
 class FSAM:
     """FSAM state across steps: the mask, when it was refreshed, and the pending perturbation.
 
@@ -367,14 +440,22 @@ class FSAM:
             steps are plain base-optimizer steps (Composer SAM's ``interval``). The mask is
             refreshed at the first perturbing step at or after each multiple of ``mask_interval``
             (the refresh schedule counts optimizer steps, not perturbing steps).
+        reuse_direction: with ``interval`` > 1, LookSAM (Liu et al., CVPR 2022): after each
+            perturbed step keep g_v, the part of the perturbed gradient orthogonal to g
+            (:func:`sharpness_component`), and on the plain steps between use
+            g + ``reuse_alpha`` · ‖g‖/‖g_v‖ · g_v (:func:`add_sharpness_component`). Costs one
+            gradient-sized buffer per rank (g during pass 2, then g_v).
+        reuse_alpha: LookSAM's α (≥ 0; the paper uses 0.7).
 
     Call :meth:`ascend` after pass 1 and :meth:`descend` after pass 2 (before the base step);
-    :meth:`perturbs_at` says whether a step has the two passes at all.
+    :meth:`perturbs_at` says whether a step has the two passes at all. With ``reuse_direction``,
+    also :meth:`look` after a finite pass 2 and :meth:`reuse` after pass 1 of a plain step.
     """
 
     def __init__(self, *, rho: float = 0.05, keep_ratio: float = 0.1, mask_interval: int = 100,
                  fisher: str = "batch", norm: str = "full", excluded_mode: str = "dense",
-                 adaptive: bool = False, eps: float = 1e-12, interval: int = 1) -> None:
+                 adaptive: bool = False, eps: float = 1e-12, interval: int = 1,
+                 reuse_direction: bool = False, reuse_alpha: float = 0.7) -> None:
         if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
             raise ValueError(f"Invalid rho: {rho!r} (must be a finite number >= 0)")
         if not (isinstance(keep_ratio, (int, float)) and 0 < keep_ratio <= 1):
@@ -391,9 +472,17 @@ class FSAM:
             raise ValueError(f"Invalid excluded_mode: {excluded_mode!r} (one of {EXCLUDED_MODES})")
         if not (isinstance(eps, (int, float)) and eps > 0):
             raise ValueError(f"Invalid eps: {eps!r} (must be > 0)")
+        if reuse_direction and interval == 1:
+            raise ValueError("reuse_direction needs interval > 1 (with interval 1 every step is perturbed)")
+        if not (isinstance(reuse_alpha, (int, float)) and math.isfinite(reuse_alpha) and reuse_alpha >= 0):
+            raise ValueError(f"Invalid reuse_alpha: {reuse_alpha!r} (must be a finite number >= 0)")
         self.rho, self.keep_ratio, self.mask_interval = float(rho), float(keep_ratio), mask_interval
         self.fisher, self.norm, self.excluded_mode = fisher, norm, excluded_mode
         self.adaptive, self.eps, self.interval = bool(adaptive), float(eps), interval
+        self.reuse_direction, self.reuse_alpha = bool(reuse_direction), float(reuse_alpha)
+        self._first: dict[tuple[str, int], torch.Tensor] | None = None       # g, kept through pass 2
+        self._component: dict[tuple[str, int], torch.Tensor] | None = None   # LookSAM's g_v
+        self._component_sumsq = 0.0                                           # this rank's Σ g_v²
         self._masks: dict[tuple[str, int], Mask] | None = None
         self.mask_step: int | None = None
         self._pending: Perturbation | None = None
@@ -421,11 +510,14 @@ class FSAM:
     def state_nbytes(self) -> dict[str, int]:
         """Bytes FSAM holds on this rank now: the mask, and the restore data of a pending
         perturbation (between :meth:`ascend` and :meth:`descend`), with how many entries that
-        perturbation touched."""
+        perturbation touched; with ``reuse_direction``, LookSAM's gradient-sized buffers."""
         mask = sum(m.nbytes for m in self._masks.values()) if self._masks else 0
         saved = self._pending.nbytes if self._pending is not None else 0
         entries = self._pending.entries if self._pending is not None else 0
-        return {"mask": mask, "restore": saved, "total": mask + saved, "perturbed_entries": entries}
+        reuse = sum(t.numel() * t.element_size() for kept in (self._first, self._component) if kept
+                    for t in kept.values())
+        return {"mask": mask, "restore": saved, "reuse": reuse, "total": mask + saved + reuse,
+                "perturbed_entries": entries}
 
     # ---- schedule --------------------------------------------------------------------------
 
@@ -455,6 +547,8 @@ class FSAM:
         """
         if self._pending is not None:
             raise RuntimeError("FSAM.ascend called twice without descend: weights are still perturbed")
+        if self.reuse_direction:
+            self._first = {_key(v): v.grad.detach().clone() for v in views}
         stats: dict = {}
         extra = []
         if self.refresh_due(step):
@@ -489,17 +583,42 @@ class FSAM:
     def perturbed(self) -> bool:
         return self._pending is not None
 
+    # ---- LookSAM (reuse_direction) ---------------------------------------------------------
+
+    def look(self, views: list[ShardView], group=None) -> None:
+        """After a finite pass 2 (views hold g_s): keep g_v for the plain steps that follow."""
+        if self._first is None:
+            raise RuntimeError("FSAM.look: no pass-1 gradient kept (needs reuse_direction and ascend first)")
+        first, self._first = self._first, None
+        self._component_sumsq = sharpness_component(views, first, group)
+        self._component = first
+
+    def reuse(self, views: list[ShardView], group=None) -> dict:
+        """After pass 1 of a plain step: add the kept g_v, scaled, to the gradient (in place).
+        A plain step until the first :meth:`look`."""
+        if self._component is None:
+            return {}
+        return {**add_sharpness_component(views, self._component, self._component_sumsq, self.reuse_alpha, group),
+                "reused_direction": 1}
+
     # ---- checkpoints -----------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Local (per-rank) state: compact mask shards and the step of the last refresh (plain
-        data: ``torch.load(..., weights_only=True)`` reads it)."""
-        return {"mask_step": self.mask_step,
-                "masks": None if self._masks is None else
-                [(name, pos, m.state()) for (name, pos), m in self._masks.items()]}
+        """Local (per-rank) state: compact mask shards, the step of the last refresh and, with
+        ``reuse_direction``, LookSAM's g_v shards (plain data: ``torch.load(..., weights_only=True)`` reads it)."""
+        state = {"mask_step": self.mask_step,
+                 "masks": None if self._masks is None else
+                 [(name, pos, m.state()) for (name, pos), m in self._masks.items()]}
+        if self._component is not None:
+            state["reuse"] = {"sumsq": self._component_sumsq,
+                              "component": [(name, pos, t) for (name, pos), t in self._component.items()]}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Load :meth:`state_dict` output (also the bool-tensor masks older checkpoints hold)."""
         self.mask_step = state["mask_step"]
         self._masks = None if state["masks"] is None else \
             {(n, p): Mask.from_state(m) for n, p, m in state["masks"]}
+        reuse = state.get("reuse")
+        self._component = None if reuse is None else {(n, p): t for n, p, t in reuse["component"]}
+        self._component_sumsq = 0.0 if reuse is None else float(reuse["sumsq"])

@@ -6,7 +6,9 @@
     w ← w − e exactly; clip; base step; scheduler step
 
 With ``fsam.interval = k`` only steps ``t % k == 0`` have the perturbation and pass 2; the others
-run exactly the plain base-optimizer step (``fsam=None``), bit for bit.
+run exactly the plain base-optimizer step (``fsam=None``), bit for bit -- or, with
+``fsam.reuse_direction`` (LookSAM), that step on g + α‖g‖/‖g_v‖ g_v, g_v kept from the last
+perturbed step.
 
 The step's loss is the mean over every target of the global batch: each micro-batch's loss sum
 is divided by the target count all-reduced over ranks, so splitting the batch over ranks or
@@ -104,10 +106,12 @@ def train_step(backend: Backend, loss_fn: LossFn, micro_batches: list[dict], *, 
         raise ValueError("train_step: the global batch has no targets")
     scale = backend.loss_multiplier / total_targets
     stats: dict = {"targets": total_targets, "skipped": 0}
+    reuse = None
     if fsam is not None:
         stats["perturbed"] = 0
         if not fsam.perturbs_at(step):
-            fsam = None   # interval: a plain base-optimizer step
+            # interval: a plain base-optimizer step (LookSAM: on a corrected gradient)
+            fsam, reuse = None, fsam if fsam.reuse_direction else None
 
     scores = None
     if fsam is not None and fsam.fisher == "empirical" and fsam.refresh_due(step):
@@ -150,6 +154,10 @@ def train_step(backend: Backend, loss_fn: LossFn, micro_batches: list[dict], *, 
             backend.skip_step()
             stats["skipped"] = 1
             return stats
+        if fsam.reuse_direction:
+            fsam.look(backend.views(), backend.group)
+    elif reuse is not None:
+        stats.update(reuse.reuse(backend.views(), backend.group))
 
     stats["clip_grad_norm"] = backend.clip_and_step(clip_grad_norm)
     return stats
