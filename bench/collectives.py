@@ -47,6 +47,8 @@ LABELS = (
     ("core/fsam.py", "compute_mask", "mask"),           # anything else the mask computation reduces
     ("core/fsam.py", "ascend", "ascend"),
     ("core/fsam.py", "grad_norm", "clip_norm"),         # the global norm for clipping (a base-step need)
+    ("core/fsam.py", "sharpness_component", "looksam"),           # LookSAM: ⟨g, g₂⟩, ‖g‖², ‖g₂‖²
+    ("core/fsam.py", "add_sharpness_component", "looksam_reuse"),  # LookSAM: ‖g‖², ‖g_v‖²
     ("train/step.py", "train_step", "step_flags"),      # target count, non-finite flags
 )
 """(file, function, label): the first frame on the call stack that matches names the call."""
@@ -240,7 +242,8 @@ def make_backend(kind: str, model: torch.nn.Module):
     raise ValueError(f"unknown backend {kind!r}")
 
 
-STEP_KINDS = ("adamw", "fsam_refresh", "fsam", "fsam_refresh_jaccard", "fsam_skipped_interval")
+STEP_KINDS = ("adamw", "fsam_refresh", "fsam", "fsam_refresh_jaccard", "fsam_skipped_interval", "looksam_refresh",
+              "looksam_reuse")
 
 
 def measure(rank: int, world: int, kind: str, widths: list[int], mask_interval: int = 2,
@@ -249,7 +252,8 @@ def measure(rank: int, world: int, kind: str, widths: list[int], mask_interval: 
 
     Steps: one AdamW step (fsam=None); then FSAM with ``mask_interval`` 2 and ``interval`` 2 at
     steps 0 (first refresh), 1 (not perturbed: the interval), 2 (refresh, with the Jaccard
-    overlap), 4... (no refresh: mask_interval is 4 there). Returns
+    overlap), 4... (no refresh: mask_interval is 4 there); then LookSAM (interval 2,
+    ``reuse_direction``) from fresh weights: step 0 (refresh, g_v kept), step 1 (g_v reused). Returns
     {width: {step kind: summary}} plus {'numel': {width: entries}}.
     """
     from fsam_dist.core import FSAM
@@ -275,6 +279,11 @@ def measure(rank: int, world: int, kind: str, widths: list[int], mask_interval: 
             fsam.mask_interval = 100
             counter.mark("fsam")
             train_step(backend, tiny_loss_sum, [tiny_batch(4, rank)], step=4, count_targets=tiny_count, fsam=fsam)
+            looksam = FSAM(rho=0.05, keep_ratio=0.1, mask_interval=100, interval=2, reuse_direction=True)
+            for label, step in (("looksam_refresh", 0), ("looksam_reuse", 1)):
+                counter.mark(label)
+                train_step(backend, tiny_loss_sum, [tiny_batch(step, rank)], step=step, count_targets=tiny_count,
+                           fsam=looksam)
             counter.mark(None)
         for label in STEP_KINDS:
             results[label] = CollectiveCounter.summary(counter.segment(label))

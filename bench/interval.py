@@ -6,7 +6,8 @@
 ``fsam.interval = k`` runs FSAM's two passes at steps t % k == 0 and a plain AdamW step
 otherwise, so the expected cost is (1 + 1/k) × AdamW (plus FSAM's own work on the perturbed
 steps). One process trains the same randomly initialised T5 on the same batches with AdamW, then
-FSAM at each k (keep ratio 0.1, mask refresh every 8 steps), each on its own copy of the model,
+FSAM at each k (keep ratio 0.1, mask refresh every 8 steps) and FSAM + LookSAM
+(``reuse_direction``) at each k of ``--looksam``, each on its own copy of the model,
 taking turns window by window in this process (so load changes on a shared machine hit every run
 alike). The time per step of a run is the mean over a window of 8 consecutive steps (8 = lcm of
 1, 2, 4, 8: every window holds the same mix of perturbed and plain steps, and one refresh); the
@@ -47,15 +48,17 @@ def _batch(args, step: int) -> dict:
             "labels": torch.randint(2, args.vocab, (args.micro, 16), generator=g)}
 
 
-def make_run(args, interval: int | None):
-    """(backend, fsam) of one run: its own copy of the same initial model; interval None = AdamW."""
+def make_run(args, run: tuple[int, bool] | None):
+    """(backend, fsam) of one run: its own copy of the same initial model; ``run`` = (interval,
+    LookSAM's reuse_direction), or None for AdamW."""
     model = _model(args)
     backend = LocalBackend(model, torch.optim.AdamW(model.parameters(), lr=1e-4))
-    fsam = None if interval is None else FSAM(rho=0.05, keep_ratio=0.1, mask_interval=8, interval=interval)
+    fsam = None if run is None else FSAM(rho=0.05, keep_ratio=0.1, mask_interval=8, interval=run[0],
+                                         reuse_direction=run[1])
     return backend, fsam
 
 
-def measure(args, intervals: list[int | None]) -> dict:
+def measure(args, intervals: list[tuple[int, bool] | None]) -> dict:
     """Median over windows of the mean step time (seconds) per run. The runs take turns window
     by window in this process, so a change in the machine's load hits all of them alike."""
     runs = {k: make_run(args, k) for k in intervals}
@@ -75,25 +78,30 @@ def measure(args, intervals: list[int | None]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--intervals", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--looksam", nargs="*", type=int, default=[2, 4, 8],
+                        help="intervals also run with reuse_direction (LookSAM)")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--micro", type=int, default=8)
     args = parser.parse_args()
-    args.window = math.lcm(*args.intervals)
+    args.window = math.lcm(*args.intervals, *args.looksam)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     n = sum(p.numel() for p in _model(args).parameters())
     print(f"T5 d_model {args.d_model}, {args.layers}+{args.layers} layers, {n / 1e6:.1f} M parameters; one process, "
           f"{torch.get_num_threads()} thread(s); micro-batch {args.micro}; FSAM keep 0.1, mask refresh every 8 steps; "
           f"median over {args.windows} windows of {args.window} steps (after 1 warm-up window)\n", flush=True)
-    times = measure(args, [None, *args.intervals])
+    runs = [(k, False) for k in args.intervals] + [(k, True) for k in args.looksam]
+    times = measure(args, [None, *runs])
     adamw = times[None]
     print("| run | step time | × AdamW | expected (1 + 1/k) |")
     print("|---|---:|---:|---:|")
     print(f"| AdamW | {adamw * 1e3:.0f} ms | 1.00 | 1.00 |")
-    for k in args.intervals:
-        print(f"| FSAM k={k} | {times[k] * 1e3:.0f} ms | {times[k] / adamw:.2f} | {1 + 1 / k:.2f} |")
+    for k, looksam in runs:
+        label = f"FSAM k={k}" + (" + LookSAM" if looksam else "")
+        t = times[(k, looksam)]
+        print(f"| {label} | {t * 1e3:.0f} ms | {t / adamw:.2f} | {1 + 1 / k:.2f} |")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,11 @@ measured steps (the mask is refreshed every 2 steps, so refreshes fall in both).
   the live tensors instead of glibc's heap fragmentation (without it, chunk-sized temporaries
   made the SAM and FSAM peaks tens of MB higher, differing from run to run).
 
-Modes: AdamW (one pass), SAM (keep_ratio 1, no parameter excluded: every entry perturbed) and
+Modes: AdamW (one pass), SAM (keep_ratio 1, no parameter excluded: every entry perturbed),
 FSAM (keep_ratio 0.1, default exclusions: biases, layer norms, embeddings, relative attention
-bias are perturbed densely where their gradient is non-zero). Prints a Markdown table.
+bias are perturbed densely where their gradient is non-zero) and FSAM with interval 2 and
+``reuse_direction`` (LookSAM: its g_v buffer is gradient-sized, so state ≈ 1 full copy more).
+Prints a Markdown table: rank 0's row, and the largest state / full-copy ratio over the ranks.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ MODES = {
     "AdamW": None,
     "SAM (κ=1)": dict(rho=0.05, keep_ratio=1.0, exclude=()),
     "FSAM (κ=0.1)": dict(rho=0.05, keep_ratio=0.1),
+    "FSAM + LookSAM (k=2)": dict(rho=0.05, keep_ratio=0.1, interval=2, reuse_direction=True),
 }
 BACKENDS = ["single", "ddp", "zero0", "zero1", "zero2", "zero3", "fsdp1", "fsdp2"]
 
@@ -162,7 +165,7 @@ def _worker(rank: int, world: int, port: int, name: str, mode: str, args, queue)
     peak = _status()["VmHWM"]
     local = local[0]
     worst = max(state_bytes, key=lambda s: s["total"]) if state_bytes else \
-        {"mask": 0, "restore": 0, "total": 0, "perturbed_entries": 0}
+        {"mask": 0, "restore": 0, "reuse": 0, "total": 0, "perturbed_entries": 0}
     queue.put({"rank": rank, "peak": peak, "baseline": baseline, "local": local, "state": worst,
                "step": statistics.median(times[args.warmup:])})
     if distributed:
@@ -206,20 +209,22 @@ def main() -> None:
           f"parameters (fp32); {args.world} gloo ranks (1 for single); micro-batch {args.micro}; peaks over "
           f"{args.steps} steps after {args.warmup} warm-up; rank 0 shown (rank 1 within a few MB)\n", flush=True)
     print("| backend | mode | local entries | peak RSS | Δ peak vs AdamW | FSAM state: mask | restore data "
-          "(B / perturbed entry) | state total | state / full copy (4 B × local) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "(B / perturbed entry) | LookSAM g_v | state total | state / full copy (4 B × local) | worst rank |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     mb = 2 ** 20
     for name in args.backends:
         adamw_peak = None
         for mode in MODES:
-            r = run(name, mode, args)[0]
+            ranks = run(name, mode, args)
+            r = ranks[0]
+            worst = max(x["state"]["total"] / (4 * x["local"]) for x in ranks)
             if adamw_peak is None:
                 adamw_peak = r["peak"]
             s = r["state"]
             print(f"| {name} | {mode} | {r['local'] / 1e6:.2f} M | {r['peak'] / mb:.0f} MB | "
                   f"{(r['peak'] - adamw_peak) / mb:+.1f} MB | {s['mask'] / mb:.2f} MB | {s['restore'] / mb:.2f} MB "
-                  f"({s['restore'] / max(1, s.get('perturbed_entries', 0)):.2f}) | "
-                  f"{s['total'] / mb:.2f} MB | {s['total'] / (4 * r['local']):.3f} |", flush=True)
+                  f"({s['restore'] / max(1, s.get('perturbed_entries', 0)):.2f}) | {s.get('reuse', 0) / mb:.2f} MB | "
+                  f"{s['total'] / mb:.2f} MB | {s['total'] / (4 * r['local']):.3f} | {worst:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ FSDP2; every parameter split evenly):
   bf16 under ZeRO-3: + the bf16 partition 2N/W (fp32 master, fp32 gradient accumulation);
   bf16 under FSDP2 (MixedPrecisionPolicy): the shards stay fp32, bf16 copies are transient.
 * FSAM state: the mask, min(n/8, 4c) bytes per view -- N_e/8 at κ = 0.1 -- plus, during pass 2,
-  the restore data: ``--restore-bytes`` (2.08: the low 16 bits, +4 % for ~1 % exceptions at 8 B;
-  the bf16 ZeRO-3 partition keeps its 2-byte values) per perturbed entry, κ·N_e + N_x (the tied
-  T5 embedding's gradient is dense through the LM head, so all of it is perturbed).
+  the restore data: ``--restore-bytes`` per masked entry, κ·N_e (2.08: the low 16 bits, +4 % for
+  ~1 % exceptions at 8 B; the bf16 ZeRO-3 partition keeps its 2-byte values) and
+  ``--excluded-restore-bytes`` per excluded entry, N_x (1.13: the low byte + a carry bit, as
+  measured on the benchmark model's tied embedding; its gradient is dense through the LM head, so
+  all of it is perturbed with ``excluded_mode: dense``).
 * SAM's full copy (what a conventional SAM keeps to restore): 4N/W.
 * Per pass the backend moves (ring): an all-gather of the weights in forward and again in
   backward (reshard after forward), and a reduce-scatter of the gradients: 3 N b bytes of
@@ -58,10 +60,11 @@ def model_sizes() -> dict[str, tuple[int, int]]:
     return out
 
 
-def fsam_state(total: int, eligible: int, keep: float, restore_bytes: float) -> tuple[float, float]:
+def fsam_state(total: int, eligible: int, keep: float, restore_bytes: float,
+               excluded_restore_bytes: float) -> tuple[float, float]:
     """(mask bytes, restore bytes) over the whole model (divide by W for a rank)."""
     mask = min(eligible / 8, 4 * keep * eligible)
-    restore = restore_bytes * (keep * eligible + (total - eligible))
+    restore = restore_bytes * keep * eligible + excluded_restore_bytes * (total - eligible)
     return mask, restore
 
 
@@ -70,6 +73,7 @@ def main() -> None:
     parser.add_argument("--ranks", nargs="+", type=int, default=[8, 32, 128, 512])
     parser.add_argument("--keep-ratio", type=float, default=0.1)
     parser.add_argument("--restore-bytes", type=float, default=2.08)
+    parser.add_argument("--excluded-restore-bytes", type=float, default=1.13)
     args = parser.parse_args()
     sizes = model_sizes()
     print("| model | N | eligible | excluded |")
@@ -82,7 +86,7 @@ def main() -> None:
           "| SAM full copy | FSAM / SAM copy | FSAM / (params+grads+AdamW) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (n, e) in sizes.items():
-        mask, restore = fsam_state(n, e, args.keep_ratio, args.restore_bytes)
+        mask, restore = fsam_state(n, e, args.keep_ratio, args.restore_bytes, args.excluded_restore_bytes)
         for w in args.ranks:
             base = 16 * n / w
             state = (mask + restore) / w

@@ -43,11 +43,13 @@ class FSAMConfig(_Section):
     steps are plain one-pass base-optimizer steps, bit for bit (Composer SAM's interval). Step
     time → (1 + 1/interval) × the base optimizer's."""
     reuse_direction: bool = False
-    """LookSAM (needs interval > 1): on the plain steps use g + reuse_alpha · ‖g‖/‖g_v‖ · g_v,
-    g_v the part of the last perturbed step's gradient orthogonal to its pass-1 gradient. Costs
-    one gradient-sized buffer per rank (sharded like the gradients)."""
-    reuse_alpha: float = Field(0.7, ge=0, allow_inf_nan=False)
-    """LookSAM's α, the weight of the reused direction (paper: 0.7)."""
+    """LookSAM (needs interval > 1): on the plain steps use g + α · ‖g‖/‖g_v‖ · g_v, g_v the part
+    of the last perturbed step's gradient orthogonal to its pass-1 gradient. Costs one
+    gradient-sized buffer per rank (sharded like the gradients)."""
+    reuse_alpha: float | None = Field(None, ge=0, allow_inf_nan=False)
+    """LookSAM's α. null (default): α = ‖g_v‖/‖g‖ measured at the last perturbed step (logged
+    as sharpness_ratio), so g_v keeps its size. The paper's 0.7 scales g_v to 0.7‖g‖, ~20-60× what
+    FSAM's masked perturbation adds in the demo: it ruined that run (docs/scaling.md §4)."""
     fisher: Literal["batch", "empirical"] = "batch"
     """'batch': F = g² of the step's reduced gradient (the official code). 'empirical': Σ over
     fisher_samples single training examples of (∇ log p)², the same examples on every rank."""

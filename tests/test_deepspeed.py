@@ -107,7 +107,7 @@ def make_optimizer(model):
 
 
 def make_fsam(case: Case) -> FSAM | None:
-    looksam = {"interval": 3, "reuse_direction": True} if case.looksam else {}
+    looksam = {"interval": 3, "reuse_direction": True, "reuse_alpha": 0.7} if case.looksam else {}
     return None if case.rho is None else FSAM(**{**FSAM_KW, "rho": case.rho, "fisher": case.fisher, **looksam})
 
 

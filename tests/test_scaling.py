@@ -30,6 +30,11 @@ EXPECTED_ADDED = {
                              "ddp": {"step_flags": (1, 16)}},
     "fsam": {"fsdp2": {"norms": (1, 24), "step_flags": (1, 16)}, "ddp": {"step_flags": (1, 16)}},
     "fsam_skipped_interval": {"fsdp2": {}, "ddp": {}},   # interval 2: step 1 is a plain AdamW step
+    # LookSAM (interval 2, reuse_direction): g_v's dot products after pass 2, the two norms at a reuse
+    "looksam_refresh": {"fsdp2": {"topk": (4, TOPK_BYTES), "norms": (1, 24), "step_flags": (1, 16),
+                                  "looksam": (1, 24)},
+                        "ddp": {"step_flags": (1, 16)}},
+    "looksam_reuse": {"fsdp2": {"looksam_reuse": (1, 16)}, "ddp": {}},
 }
 
 

@@ -31,9 +31,10 @@ entry and one carry bit (2.125 bytes) -- the high 16 bits are read back from the
 value, which moved them by at most one unit where |e| is below 2^16 units in the last place of
 w (the carry bit says whether they moved; the low bits say which way). Entries that changed sign
 or moved further keep their whole original bit pattern with an int32 position. Per chunk of
-2^20 entries the cheapest of that, the same without the carry bit (exceptions wherever the high
-bits moved), the low 24 bits with or without it, and the plain values (4 bytes) is kept: |e| /
-|w| decides (about 2^-12 at the T5-3B scale; near 1 in a tiny model: values). Weights of other
+2^20 entries the cheapest of that with the low 8, 16 or 24 bits, with or without the carry bit
+(without it: exceptions wherever the high bits moved), and the plain values (4 bytes) is kept:
+|e| / |w| decides (about 2^-12 for the masked entries at the T5-3B scale: 2 bytes; far smaller
+on a dense-perturbed embedding: 1.125 bytes; near 1 in a tiny model: values). Weights of other
 dtypes keep their values. No int64 indices are kept: they are recomputed, chunk by chunk, from
 the mask.
 
@@ -210,9 +211,8 @@ def _view_sums(view: ShardView, mask: Mask | None, adaptive: bool) -> torch.Tens
 class _Saved:
     """How one chunk of perturbed entries is put back (see the module docstring)."""
 
-    low: torch.Tensor | None = None         # int16: bits 0-15 of each original fp32 bit pattern
-    mid: torch.Tensor | None = None         # uint8: bits 16-23 as well (24 low bits kept)
-    carry: torch.Tensor | None = None       # bit-packed: the bits above the low ones changed (by ±1)
+    low: torch.Tensor | None = None         # uint8 (n, b/8): bytes 0..b/8-1 of each original bit pattern
+    carry: torch.Tensor | None = None       # bit-packed: the bits above the low b changed (by ±1)
     where: torch.Tensor | None = None       # int32: positions (in the chunk's selection) of exceptions
     bits: torch.Tensor | None = None        # int32: their whole original bit patterns
     values: torch.Tensor | None = None      # or: the original values themselves
@@ -220,21 +220,29 @@ class _Saved:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
-                   for t in (self.low, self.mid, self.carry, self.where, self.bits, self.values) if t is not None)
+                   for t in (self.low, self.carry, self.where, self.bits, self.values) if t is not None)
+
+
+LOW_BITS = (8, 16, 24)
+"""How many low bits of each fp32 bit pattern the restore data may keep (whole bytes)."""
 
 
 def _save(original: torch.Tensor, perturbed: torch.Tensor) -> _Saved:
     """Restore data for one chunk: ``original`` (a copy) and the values now in the weights.
 
-    For fp32, the cheapest of (n entries; "exceptions" keep their whole bit pattern, 8 bytes):
+    For fp32, the cheapest of (n entries; "exceptions" keep their whole bit pattern, 8 bytes),
+    b in :data:`LOW_BITS`:
 
-    * the low b = 16 or 24 bits of each original bit pattern, exceptions where the bits above
-      them changed (b/8 bytes each);
+    * the low b bits of each original bit pattern, exceptions where the bits above them changed
+      (b/8 bytes each);
     * the same plus one carry bit each, exceptions only where the sign changed or the bit
       patterns differ by 2^b or more: a same-sign fp32 bit pattern is an integer that moves by
       the perturbation's size in units of the last place, so the bits above the low b moved by at
       most ±1, and which of the two it was is told by the low bits themselves (b/8 + 1/8 bytes);
     * the values (4 bytes).
+
+    |e| / |w| sets the size: |e| below 2^8 units in the last place of w (|e| / |w| ≲ 2^-15, e.g.
+    a dense-perturbed embedding) fits 1.125 bytes, below 2^16 (≲ 2^-7) 2.125 bytes.
     """
     n = original.numel()
     if original.dtype != torch.float32 or n <= SMALL:
@@ -244,7 +252,7 @@ def _save(original: torch.Tensor, perturbed: torch.Tensor) -> _Saved:
     sign_flip = changed < 0
     distance = torch.sub(old, new).abs_()        # exact when the sign is kept (|Δ| < 2^31)
     cost = {"values": 4 * n}
-    for b in (16, 24):
+    for b in LOW_BITS:
         cost[(b, False)] = b // 8 * n + 8 * int(changed.bitwise_right_shift(b).count_nonzero())
         cost[(b, True)] = b // 8 * n + -(-n // 8) + 8 * int((sign_flip | (distance >= 1 << b)).count_nonzero())
     keep = min(cost, key=cost.get)
@@ -253,9 +261,10 @@ def _save(original: torch.Tensor, perturbed: torch.Tensor) -> _Saved:
     b, carry = keep
     exception = (sign_flip | (distance >= 1 << b)) if carry else changed.bitwise_right_shift(b) != 0
     where = torch.nonzero(exception).reshape(-1)
-    return _Saved(low=torch.bitwise_and(old, 0xFFFF).to(torch.int16),
-                  mid=old.bitwise_right_shift(16).bitwise_and_(0xFF).to(torch.uint8) if b == 24 else None,
-                  carry=pack_bits(changed.bitwise_right_shift(b) != 0) if carry else None,
+    low = torch.empty((n, b // 8), dtype=torch.uint8, device=old.device)
+    for i in range(b // 8):   # byte by byte: no int32 temporary wider than one column
+        low[:, i] = old.bitwise_right_shift(8 * i).bitwise_and_(0xFF)
+    return _Saved(low=low, carry=pack_bits(changed.bitwise_right_shift(b) != 0) if carry else None,
                   where=where.to(torch.int32), bits=old[where])
 
 
@@ -264,10 +273,10 @@ def _restored(current: torch.Tensor, saved: _Saved) -> torch.Tensor:
     if saved.values is not None:
         return saved.values
     now = current.view(torch.int32)
-    low = saved.low.to(torch.int32).bitwise_and_(0xFFFF)
-    b = 16 if saved.mid is None else 24
-    if b == 24:
-        low.bitwise_or_(saved.mid.to(torch.int32).bitwise_left_shift_(16))
+    b = 8 * saved.low.shape[1]
+    low = saved.low[:, 0].to(torch.int32)
+    for i in range(1, b // 8):
+        low.bitwise_or_(saved.low[:, i].to(torch.int32).bitwise_left_shift_(8 * i))
     bits = now.bitwise_and(-(1 << b))                                     # the bits above the low b
     if saved.carry is not None:
         # Where they moved, the original is the neighbour within 2^b of the current pattern:
@@ -385,13 +394,14 @@ def _dots(views: list[ShardView], others: dict) -> torch.Tensor:
     return out
 
 
-def sharpness_component(views: list[ShardView], first: dict, group=None) -> float:
+def sharpness_component(views: list[ShardView], first: dict, group=None) -> tuple[float, float, float]:
     """LookSAM's g_v = g_s − (⟨g, g_s⟩ / ‖g‖²) · g, written in place over ``first``.
 
     ``first``: per view key, a copy of the pass-1 gradient g; the views hold g_s (pass 2, at
     w + e). g_v is the part of g_s orthogonal to g: what the perturbation added. One all-reduce of
-    3 fp64. Returns this rank's Σ g_v² (reduced later, with the next step's ‖g‖²)."""
-    dot, first_sumsq, _ = global_sums(list(_dots(views, first)), group).tolist()
+    3 fp64. Returns (this rank's Σ g_v², reduced later with the next step's ‖g‖²; the global ‖g‖;
+    the global ‖g_v‖ / ‖g‖, from the reduced sums, for logging)."""
+    dot, first_sumsq, second_sumsq = global_sums(list(_dots(views, first)), group).tolist()
     coef = dot / first_sumsq if first_sumsq > 0 else 0.0
     local = 0.0
     with torch.no_grad():
@@ -401,22 +411,29 @@ def sharpness_component(views: list[ShardView], first: dict, group=None) -> floa
                 piece = g[start:start + CHUNK]
                 piece.mul_(-coef).add_(v.grad[start:start + CHUNK])
                 local += float(_sumsq(piece))
-    return local
+    ratio = math.sqrt(max(0.0, second_sumsq - coef * dot) / first_sumsq) if first_sumsq > 0 else 0.0
+    return local, math.sqrt(first_sumsq), ratio
 
 
-def add_sharpness_component(views: list[ShardView], component: dict, component_sumsq: float, alpha: float,
-                            group=None) -> dict:
+def add_sharpness_component(views: list[ShardView], component: dict, component_sumsq: float,
+                            alpha: float | None, look_grad_norm: float, group=None) -> dict:
     """LookSAM's plain step: g ← g + α · ‖g‖ / ‖g_v‖ · g_v on each view's gradient, in place.
 
-    One all-reduce of [‖g‖², ‖g_v‖²] (``component_sumsq``: this rank's Σ g_v²). Nothing is
-    added when g_v is 0."""
+    ``alpha`` None: α = ‖g_v‖ / ‖g_look‖, the size g_v had next to the gradient it was measured
+    with (``look_grad_norm``), i.e. g ← g + ‖g‖ / ‖g_look‖ · g_v. One all-reduce of [‖g‖², ‖g_v‖²]
+    (``component_sumsq``: this rank's Σ g_v²). Nothing is added when g_v is 0."""
     local = torch.zeros((), dtype=torch.float64)
     for v in views:
         for start in range(0, v.numel, CHUNK):
             local += _sumsq(v.grad[start:start + CHUNK]).cpu()
     grad_sumsq, component_sumsq = global_sums([local, torch.tensor(component_sumsq, dtype=torch.float64)],
                                               group).tolist()
-    scale = alpha * math.sqrt(grad_sumsq / component_sumsq) if component_sumsq > 0 else 0.0
+    if component_sumsq <= 0 or look_grad_norm <= 0:
+        scale = 0.0
+    elif alpha is None:
+        scale = math.sqrt(grad_sumsq) / look_grad_norm
+    else:
+        scale = alpha * math.sqrt(grad_sumsq / component_sumsq)
     if scale:
         with torch.no_grad():
             for v in views:
@@ -443,9 +460,13 @@ class FSAM:
         reuse_direction: with ``interval`` > 1, LookSAM (Liu et al., CVPR 2022): after each
             perturbed step keep g_v, the part of the perturbed gradient orthogonal to g
             (:func:`sharpness_component`), and on the plain steps between use
-            g + ``reuse_alpha`` · ‖g‖/‖g_v‖ · g_v (:func:`add_sharpness_component`). Costs one
+            g + α · ‖g‖/‖g_v‖ · g_v (:func:`add_sharpness_component`). Costs one
             gradient-sized buffer per rank (g during pass 2, then g_v).
-        reuse_alpha: LookSAM's α (≥ 0; the paper uses 0.7).
+        reuse_alpha: LookSAM's α (≥ 0; the paper uses 0.7), or None (default): α = ‖g_v‖/‖g‖
+            as measured at the last perturbed step, so the reused part keeps the size it had.
+            LookSAM's fixed α rescales g_v to α‖g‖, which is far more than FSAM's masked
+            perturbation adds (‖g_v‖/‖g‖ is ~0.01-0.05 in the demo, logged as
+            ``sharpness_ratio``).
 
     Call :meth:`ascend` after pass 1 and :meth:`descend` after pass 2 (before the base step);
     :meth:`perturbs_at` says whether a step has the two passes at all. With ``reuse_direction``,
@@ -455,7 +476,7 @@ class FSAM:
     def __init__(self, *, rho: float = 0.05, keep_ratio: float = 0.1, mask_interval: int = 100,
                  fisher: str = "batch", norm: str = "full", excluded_mode: str = "dense",
                  adaptive: bool = False, eps: float = 1e-12, interval: int = 1,
-                 reuse_direction: bool = False, reuse_alpha: float = 0.7) -> None:
+                 reuse_direction: bool = False, reuse_alpha: float | None = None) -> None:
         if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
             raise ValueError(f"Invalid rho: {rho!r} (must be a finite number >= 0)")
         if not (isinstance(keep_ratio, (int, float)) and 0 < keep_ratio <= 1):
@@ -474,15 +495,18 @@ class FSAM:
             raise ValueError(f"Invalid eps: {eps!r} (must be > 0)")
         if reuse_direction and interval == 1:
             raise ValueError("reuse_direction needs interval > 1 (with interval 1 every step is perturbed)")
-        if not (isinstance(reuse_alpha, (int, float)) and math.isfinite(reuse_alpha) and reuse_alpha >= 0):
-            raise ValueError(f"Invalid reuse_alpha: {reuse_alpha!r} (must be a finite number >= 0)")
+        if reuse_alpha is not None and not (isinstance(reuse_alpha, (int, float)) and math.isfinite(reuse_alpha)
+                                            and reuse_alpha >= 0):
+            raise ValueError(f"Invalid reuse_alpha: {reuse_alpha!r} (must be None or a finite number >= 0)")
         self.rho, self.keep_ratio, self.mask_interval = float(rho), float(keep_ratio), mask_interval
         self.fisher, self.norm, self.excluded_mode = fisher, norm, excluded_mode
         self.adaptive, self.eps, self.interval = bool(adaptive), float(eps), interval
-        self.reuse_direction, self.reuse_alpha = bool(reuse_direction), float(reuse_alpha)
+        self.reuse_direction = bool(reuse_direction)
+        self.reuse_alpha = None if reuse_alpha is None else float(reuse_alpha)
         self._first: dict[tuple[str, int], torch.Tensor] | None = None       # g, kept through pass 2
         self._component: dict[tuple[str, int], torch.Tensor] | None = None   # LookSAM's g_v
         self._component_sumsq = 0.0                                           # this rank's Σ g_v²
+        self._look_grad_norm = 0.0                                            # ‖g‖ when g_v was kept
         self._masks: dict[tuple[str, int], Mask] | None = None
         self.mask_step: int | None = None
         self._pending: Perturbation | None = None
@@ -548,6 +572,10 @@ class FSAM:
         if self._pending is not None:
             raise RuntimeError("FSAM.ascend called twice without descend: weights are still perturbed")
         if self.reuse_direction:
+            # The old g_v is not used by a perturbed step and look() replaces it: free it before
+            # copying g, so LookSAM holds one gradient-sized buffer at any time. (If pass 2 turns
+            # out non-finite, the plain steps up to the next perturbed one get no g_v.)
+            self._component, self._component_sumsq = None, 0.0
             self._first = {_key(v): v.grad.detach().clone() for v in views}
         stats: dict = {}
         extra = []
@@ -585,20 +613,23 @@ class FSAM:
 
     # ---- LookSAM (reuse_direction) ---------------------------------------------------------
 
-    def look(self, views: list[ShardView], group=None) -> None:
-        """After a finite pass 2 (views hold g_s): keep g_v for the plain steps that follow."""
+    def look(self, views: list[ShardView], group=None) -> dict:
+        """After a finite pass 2 (views hold g_s): keep g_v for the plain steps that follow.
+        Returns ``sharpness_ratio`` = ‖g_v‖/‖g‖ for logging."""
         if self._first is None:
             raise RuntimeError("FSAM.look: no pass-1 gradient kept (needs reuse_direction and ascend first)")
         first, self._first = self._first, None
-        self._component_sumsq = sharpness_component(views, first, group)
+        self._component_sumsq, self._look_grad_norm, ratio = sharpness_component(views, first, group)
         self._component = first
+        return {"sharpness_ratio": ratio}
 
     def reuse(self, views: list[ShardView], group=None) -> dict:
         """After pass 1 of a plain step: add the kept g_v, scaled, to the gradient (in place).
         A plain step until the first :meth:`look`."""
         if self._component is None:
             return {}
-        return {**add_sharpness_component(views, self._component, self._component_sumsq, self.reuse_alpha, group),
+        return {**add_sharpness_component(views, self._component, self._component_sumsq, self.reuse_alpha,
+                                          self._look_grad_norm, group),
                 "reused_direction": 1}
 
     # ---- checkpoints -----------------------------------------------------------------------
@@ -610,7 +641,7 @@ class FSAM:
                  "masks": None if self._masks is None else
                  [(name, pos, m.state()) for (name, pos), m in self._masks.items()]}
         if self._component is not None:
-            state["reuse"] = {"sumsq": self._component_sumsq,
+            state["reuse"] = {"sumsq": self._component_sumsq, "look_grad_norm": self._look_grad_norm,
                               "component": [(name, pos, t) for (name, pos), t in self._component.items()]}
         return state
 
@@ -622,3 +653,4 @@ class FSAM:
         reuse = state.get("reuse")
         self._component = None if reuse is None else {(n, p): t for n, p, t in reuse["component"]}
         self._component_sumsq = 0.0 if reuse is None else float(reuse["sumsq"])
+        self._look_grad_norm = 0.0 if reuse is None else float(reuse["look_grad_norm"])

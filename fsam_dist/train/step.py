@@ -8,7 +8,7 @@
 With ``fsam.interval = k`` only steps ``t % k == 0`` have the perturbation and pass 2; the others
 run exactly the plain base-optimizer step (``fsam=None``), bit for bit -- or, with
 ``fsam.reuse_direction`` (LookSAM), that step on g + α‖g‖/‖g_v‖ g_v, g_v kept from the last
-perturbed step.
+perturbed step (α = ‖g_v‖/‖g‖ there by default).
 
 The step's loss is the mean over every target of the global batch: each micro-batch's loss sum
 is divided by the target count all-reduced over ranks, so splitting the batch over ranks or
@@ -155,7 +155,7 @@ def train_step(backend: Backend, loss_fn: LossFn, micro_batches: list[dict], *, 
             stats["skipped"] = 1
             return stats
         if fsam.reuse_direction:
-            fsam.look(backend.views(), backend.group)
+            stats.update(fsam.look(backend.views(), backend.group))
     elif reuse is not None:
         stats.update(reuse.reuse(backend.views(), backend.group))
 
