@@ -80,7 +80,6 @@ class _Timer:
             return wrapper
 
         core.compute_mask = timed(core.compute_mask, "select")
-        core.fisher_scores = timed(core.fisher_scores, "select")
         core.perturb = timed(core.perturb, "norms+perturb+restore")
         core.restore = timed(core.restore, "norms+perturb+restore")
 
