@@ -28,13 +28,14 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import socket
 import sys
 import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .common import set_rank_env, spawn_ranks
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "_all_gather_base",
                "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base",
@@ -292,15 +293,8 @@ def measure(rank: int, world: int, kind: str, widths: list[int], mask_interval: 
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _child(rank: int, world: int, port: int, kind: str, widths: list[int], queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    set_rank_env(rank, world, port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -312,18 +306,7 @@ def _child(rank: int, world: int, port: int, kind: str, widths: list[int], queue
 
 
 def run(kind: str, world: int, widths: list[int]) -> dict:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_child, args=(r, world, port, kind, widths, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    result = queue.get(timeout=900)
-    for p in procs:
-        p.join()
-    return result
+    return spawn_ranks(_child, world, kind, widths, timeout=900)[0]
 
 
 def _fmt(pair) -> str:

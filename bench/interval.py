@@ -26,26 +26,19 @@ import time
 import torch
 
 from fsam_dist.core import FSAM
+
+from .common import random_batch, t5_model
 from fsam_dist.shards.local import LocalBackend
 from fsam_dist.train.loss import count_target_tokens, seq2seq_loss_sum
 from fsam_dist.train.step import train_step
 
 
 def _model(args):
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(0)
-    return T5ForConditionalGeneration(T5Config(
-        vocab_size=args.vocab, d_model=args.d_model, d_kv=args.d_model // 4, d_ff=4 * args.d_model,
-        num_layers=args.layers, num_heads=4, feed_forward_proj="gated-gelu", dropout_rate=0.0,
-        decoder_start_token_id=0, pad_token_id=0))
+    return t5_model(vocab=args.vocab, d_model=args.d_model, layers=args.layers, heads=4)
 
 
 def _batch(args, step: int) -> dict:
-    g = torch.Generator().manual_seed(step)
-    src = torch.randint(2, args.vocab, (args.micro, 32), generator=g)
-    return {"input_ids": src, "attention_mask": torch.ones_like(src),
-            "labels": torch.randint(2, args.vocab, (args.micro, 16), generator=g)}
+    return random_batch(vocab=args.vocab, micro=args.micro, seed=step)
 
 
 def make_run(args, run: tuple[int, bool] | None):

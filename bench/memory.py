@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 
 import torch
-import torch.multiprocessing as mp
+
+from .common import random_batch, set_rank_env, spawn_ranks, t5_model
 
 MODES = {
     "AdamW": None,
@@ -65,20 +65,11 @@ def _reset_peak() -> None:
 
 
 def _model(args):
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(0)
-    return T5ForConditionalGeneration(T5Config(
-        vocab_size=args.vocab, d_model=args.d_model, d_kv=args.d_model // 8, d_ff=4 * args.d_model,
-        num_layers=args.layers, num_heads=8, feed_forward_proj="gated-gelu", dropout_rate=0.0,
-        decoder_start_token_id=0, pad_token_id=0))
+    return t5_model(vocab=args.vocab, d_model=args.d_model, layers=args.layers, heads=8)
 
 
 def _batch(args, step: int, rank: int) -> dict:
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    src = torch.randint(2, args.vocab, (args.micro, 32), generator=g)
-    return {"input_ids": src, "attention_mask": torch.ones_like(src),
-            "labels": torch.randint(2, args.vocab, (args.micro, 16), generator=g)}
+    return random_batch(vocab=args.vocab, micro=args.micro, seed=1000 * step + rank)
 
 
 def _backend(name: str, model, exclude, args):
@@ -105,8 +96,7 @@ def _backend(name: str, model, exclude, args):
 
 
 def _worker(rank: int, world: int, port: int, name: str, mode: str, args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    set_rank_env(rank, world, port)
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -173,19 +163,8 @@ def _worker(rank: int, world: int, port: int, name: str, mode: str, args, queue)
 
 
 def run(name: str, mode: str, args) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     world = 1 if name == "single" else args.world
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, name, mode, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = sorted((queue.get(timeout=1800) for _ in procs), key=lambda r: r["rank"])
-    for p in procs:
-        p.join()
-    return results
+    return sorted(spawn_ranks(_worker, world, name, mode, args, results=world), key=lambda r: r["rank"])
 
 
 def main() -> None:

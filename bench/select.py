@@ -22,6 +22,8 @@ import torch
 from fsam_dist.core import comm
 from fsam_dist.core.select import global_topk_mask
 
+from .common import spawn_ranks
+
 
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up
@@ -72,22 +74,7 @@ def _rank(rank: int, world: int, port: int, n: int, repeats: int, queue) -> None
 
 
 def two_processes(n: int, repeats: int) -> tuple[float, int, int]:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, n, repeats, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    result = queue.get(timeout=600)
-    for p in procs:
-        p.join()
-    return result
+    return spawn_ranks(_rank, 2, n, repeats, timeout=600)[0]
 
 
 def main() -> None:

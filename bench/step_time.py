@@ -14,32 +14,23 @@ spent in its own work — mask selection (including the Fisher scores; one refre
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
 import time
 
 import torch
-import torch.multiprocessing as mp
+
+from .common import random_batch, set_rank_env, spawn_ranks, t5_model
 
 BACKENDS = ["ddp", "zero0", "zero1", "zero2", "zero3", "fsdp1", "fsdp2"]
 MODES = [("adamw", None), ("sam", dict(rho=0.05, keep_ratio=1.0)), ("fsam", dict(rho=0.05, keep_ratio=0.1))]
 
 
 def _model(args):
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(0)
-    return T5ForConditionalGeneration(T5Config(
-        vocab_size=512, d_model=args.d_model, d_kv=args.d_model // 4, d_ff=4 * args.d_model, num_layers=args.layers,
-        num_heads=4, feed_forward_proj="gated-gelu", dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0))
+    return t5_model(vocab=512, d_model=args.d_model, layers=args.layers, heads=4)
 
 
 def _batch(args, step: int, rank: int) -> dict:
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    src = torch.randint(2, 512, (args.micro, 32), generator=g)
-    return {"input_ids": src, "attention_mask": torch.ones_like(src),
-            "labels": torch.randint(2, 512, (args.micro, 16), generator=g)}
+    return random_batch(vocab=512, micro=args.micro, seed=1000 * step + rank)
 
 
 def _backend(name: str, model, world: int, args):
@@ -85,8 +76,7 @@ class _Timer:
 
 
 def _worker(rank: int, world: int, port: int, name: str, args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    set_rank_env(rank, world, port)
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -129,18 +119,7 @@ def _worker(rank: int, world: int, port: int, name: str, args, queue) -> None:
 
 
 def run_backend(name: str, args) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, name, args, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    result = queue.get(timeout=1800)
-    for p in procs:
-        p.join()
-    return result
+    return spawn_ranks(_worker, 2, name, args)[0]
 
 
 def main() -> None:

@@ -7,7 +7,8 @@
 - :func:`step_delay_hook`: a ``sitecustomize`` that slows every training step down, so that a test can
   kill a process between two checkpoints without racing the run.
 
-Everything needs root (and apt-get for SLURM); where that is missing the tests are skipped with the reason.
+Everything needs root (and apt-get for SLURM); where that is missing the tests are skipped with the reason
+(failed instead under .ci/run, which sets FSAM_TESTS_REQUIRE_ALL=1).
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import unavailable
+
 SLURM_PACKAGES = {"slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "sbatch": "slurm-wlm", "munged": "munge"}
 _apt_updated = False
 
 
 def require_root(what: str) -> None:
     if os.geteuid() != 0:
-        pytest.skip(f"{what} needs root (this is uid {os.geteuid()})")
+        unavailable(f"{what} needs root (this is uid {os.geteuid()})")
 
 
 def ensure_packages(binaries: dict[str, str]) -> None:
@@ -40,18 +43,18 @@ def ensure_packages(binaries: dict[str, str]) -> None:
         return
     require_root(f"installing {', '.join(missing)}")
     if shutil.which("apt-get") is None:
-        pytest.skip(f"{', '.join(missing)} missing and no apt-get to install them")
+        unavailable(f"{', '.join(missing)} missing and no apt-get to install them")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     steps = ([] if _apt_updated else [["apt-get", "update", "-qq"]]) + [["apt-get", "install", "-y", "-qq", *missing]]
     for cmd in steps:
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
-            pytest.skip(f"`{' '.join(cmd)}` failed ({result.returncode}): {(result.stdout + result.stderr)[-800:]}")
+            unavailable(f"`{' '.join(cmd)}` failed ({result.returncode}): {(result.stdout + result.stderr)[-800:]}")
         if cmd[1] == "update":
             _apt_updated = True
     still = [b for b in binaries if shutil.which(b) is None]
     if still:
-        pytest.skip(f"installed {missing} but {still} still not found")
+        unavailable(f"installed {missing} but {still} still not found")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -88,21 +91,21 @@ def pid_alive(pid: int) -> bool:
 def stop_pids(pids: list[int], grace: float = 10.0) -> list[int]:
     """SIGTERM, wait up to ``grace`` s, then SIGKILL what is left. Returns the pids that needed SIGKILL."""
     pids = [p for p in pids if pid_alive(p)]
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    _send(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.1)
     killed = [p for p in pids if pid_alive(p)]
-    for pid in killed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    _send(killed, signal.SIGKILL)
     return killed
+
+
+def _send(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:   # exited meanwhile
+            pass
 
 
 def pgrep(pattern: str) -> list[int]:
@@ -380,7 +383,7 @@ def netns_pair_fixture():
         pair.create()
     except RuntimeError as err:
         pair.delete()
-        pytest.skip(f"cannot create network namespaces here: {err}")
+        unavailable(f"cannot create network namespaces here: {err}")
     yield pair
     pair.delete()
 

@@ -11,6 +11,7 @@ missing; mpi4py + mpich come from the ``mpi`` extra. Without them the tests skip
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -35,6 +36,7 @@ from .cluster import (  # noqa: F401  (fixtures)
     step_delay_hook,
     wait_for,
 )
+from .helpers import unavailable
 from .launching import BIN, PYTHON, REPO, assert_weights_close, check, final_weights, launch, write_config
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
@@ -317,10 +319,11 @@ def test_netns_network_partition_times_out_instead_of_hanging(netns_pair, tmp_pa
 # ------------------------------------------------------------------------------------------------ MPI
 
 def _mpiexec() -> str:
-    pytest.importorskip("mpi4py", reason="mpirun tests need the mpi extra: pip install 'fsam-dist[mpi]'")
+    if importlib.util.find_spec("mpi4py") is None:
+        unavailable("mpirun tests need the mpi extra: pip install 'fsam-dist[mpi]'")
     found = shutil.which("mpiexec", path=str(BIN)) or shutil.which("mpiexec")
     if found is None:
-        pytest.skip("no mpiexec (pip install mpich)")
+        unavailable("no mpiexec (pip install mpich)")
     return found
 
 
@@ -340,7 +343,7 @@ def test_mpiexec_across_two_hosts_equals_one_process(netns_pair, reference, tmp_
     exec`): rank 0 must advertise its 198.51.100.1 address, not a loopback one."""
     mpirun = _mpiexec()
     if "hydra" not in subprocess.run([mpirun, "--version"], capture_output=True, text=True).stdout.lower():
-        pytest.skip(f"{mpirun} is not MPICH's Hydra (the test drives its -launcher-exec)")
+        unavailable(f"{mpirun} is not MPICH's Hydra (the test drives its -launcher-exec)")
     cfg = multi_config(tmp_path / "cfg.yaml", tiny_t5_dir, tiny_data, tmp_path / "out")
     script = hydra_netns_launcher(netns_pair, tmp_path / "netns-ssh.sh")
     cmd = netns_pair.exec(0, [mpirun, "-n", "2", "-ppn", "1", "-hosts", ",".join(netns_pair.addresses),

@@ -23,7 +23,7 @@ from fsam_dist.seq2seq.data import (
     tokenize_examples,
 )
 from fsam_dist.seq2seq.metrics import compute_metrics, edit_distance
-from tests.helpers import run_distributed
+from tests.helpers import run_distributed, unavailable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -52,7 +52,7 @@ def _one_thread():
 
 def need(module: str, pip_name: str):
     if importlib.util.find_spec(module) is None:
-        pytest.skip(f"the {pip_name!r} package is not installed (pip install {pip_name})")
+        unavailable(f"the {pip_name!r} package is not installed (pip install {pip_name})")
 
 
 def ids(examples):

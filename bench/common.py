@@ -1,0 +1,56 @@
+"""What every benchmark shares: the random T5, its batches, and spawning gloo ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+
+def t5_model(*, vocab: int, d_model: int, layers: int, heads: int):
+    """A randomly initialised T5 (gated-GELU, no dropout), the same for a given seed-0 config."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(
+        vocab_size=vocab, d_model=d_model, d_kv=d_model // heads, d_ff=4 * d_model, num_layers=layers,
+        num_heads=heads, feed_forward_proj="gated-gelu", dropout_rate=0.0, decoder_start_token_id=0,
+        pad_token_id=0))
+
+
+def random_batch(*, vocab: int, micro: int, seed: int) -> dict:
+    """``micro`` random 32-token sources with 16-token targets."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(2, vocab, (micro, 32), generator=g)
+    return {"input_ids": src, "attention_mask": torch.ones_like(src),
+            "labels": torch.randint(2, vocab, (micro, 16), generator=g)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_rank_env(rank: int, world: int, port: int) -> None:
+    """The torchrun-style variables ``init_process_group`` (and DeepSpeed) read."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+
+
+def spawn_ranks(target, world: int, *args, results: int = 1, timeout: float = 1800) -> list:
+    """Run ``target(rank, world, port, *args, queue)`` in ``world`` spawned processes; return the
+    first ``results`` objects they put on the queue."""
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = [queue.get(timeout=timeout) for _ in range(results)]
+    for p in procs:
+        p.join()
+    return out
