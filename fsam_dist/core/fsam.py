@@ -82,13 +82,18 @@ def _sumsq(x: torch.Tensor) -> torch.Tensor:
     return torch.dot(x, x) if x.numel() else torch.zeros((), dtype=torch.float64, device=x.device)
 
 
-def grad_norm(views: list[ShardView], group=None) -> float:
-    """Global ‖g‖ over the views (fp64 accumulation, one all-reduce)."""
+def _local_grad_sumsq(views: list[ShardView]) -> torch.Tensor:
+    """This rank's Σ g² over the views, in fp64, a chunk at a time."""
     local = torch.zeros((), dtype=torch.float64)
     for v in views:
         for start in range(0, v.numel, CHUNK):
             local += _sumsq(v.grad[start:start + CHUNK]).cpu()
-    return math.sqrt(float(global_sums([local], group)[0]))
+    return local
+
+
+def grad_norm(views: list[ShardView], group=None) -> float:
+    """Global ‖g‖ over the views (fp64 accumulation, one all-reduce)."""
+    return math.sqrt(float(global_sums([_local_grad_sumsq(views)], group)[0]))
 
 
 def direction(view: ShardView, adaptive: bool) -> torch.Tensor:
@@ -422,11 +427,8 @@ def add_sharpness_component(views: list[ShardView], component: dict, component_s
     ``alpha`` None: α = ‖g_v‖ / ‖g_look‖, the size g_v had next to the gradient it was measured
     with (``look_grad_norm``), i.e. g ← g + ‖g‖ / ‖g_look‖ · g_v. One all-reduce of [‖g‖², ‖g_v‖²]
     (``component_sumsq``: this rank's Σ g_v²). Nothing is added when g_v is 0."""
-    local = torch.zeros((), dtype=torch.float64)
-    for v in views:
-        for start in range(0, v.numel, CHUNK):
-            local += _sumsq(v.grad[start:start + CHUNK]).cpu()
-    grad_sumsq, component_sumsq = global_sums([local, torch.tensor(component_sumsq, dtype=torch.float64)],
+    grad_sumsq, component_sumsq = global_sums([_local_grad_sumsq(views),
+                                               torch.tensor(component_sumsq, dtype=torch.float64)],
                                               group).tolist()
     if component_sumsq <= 0 or look_grad_norm <= 0:
         scale = 0.0
