@@ -47,9 +47,9 @@ LABELS = (
     ("core/fsam.py", "perturb", "norms"),               # ‖g‖², ‖m⊙g‖², ‖e‖² (+ mask overlap at a refresh)
     ("core/fsam.py", "compute_mask", "mask"),           # anything else the mask computation reduces
     ("core/fsam.py", "ascend", "ascend"),
-    ("core/fsam.py", "grad_norm", "clip_norm"),         # the global norm for clipping (a base-step need)
-    ("core/fsam.py", "sharpness_component", "looksam"),           # LookSAM: ⟨g, g₂⟩, ‖g‖², ‖g₂‖²
-    ("core/fsam.py", "add_sharpness_component", "looksam_reuse"),  # LookSAM: ‖g‖², ‖g_v‖²
+    ("core/norms.py", "grad_norm", "clip_norm"),        # the global norm for clipping (a base-step need)
+    ("core/looksam.py", "sharpness_component", "looksam"),           # LookSAM: ⟨g, g₂⟩, ‖g‖², ‖g₂‖²
+    ("core/looksam.py", "add_sharpness_component", "looksam_reuse"),  # LookSAM: ‖g‖², ‖g_v‖²
     ("train/step.py", "train_step", "step_flags"),      # target count, non-finite flags
 )
 """(file, function, label): the first frame on the call stack that matches names the call."""

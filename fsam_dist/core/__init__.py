@@ -1,8 +1,9 @@
 """The FSAM math, written once over lists of local shard views. Imports only torch."""
 
 from .comm import REPLICATED, all_reduce, communicates, global_sums
-from .fsam import FSAM, Perturbation, compute_mask, count_nonfinite, fisher_scores, grad_norm, perturb, restore
+from .fsam import FSAM, Perturbation, compute_mask, count_nonfinite, fisher_scores, perturb, restore
 from .masks import Mask
+from .norms import grad_norm
 from .select import global_topk_mask, topk_masks
 from .views import DEFAULT_EXCLUDE, ShardView, global_positions, is_eligible
 

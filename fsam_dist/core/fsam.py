@@ -1,45 +1,37 @@
 r"""FSAM: sharpness-aware minimisation with a Fisher mask, over local shard views.
 
-Zhong et al., "Improving Sharpness-Aware Minimization with Fisher Mask for Better
-Generalization on Language Models", EMNLP Findings 2022 (arXiv 2210.05497); DESIGN.md §1.
-
-Per optimizer step :math:`t`, radius :math:`\rho`, keep ratio :math:`\kappa`, refresh interval
-:math:`T_m`, perturbation interval :math:`k`:
+Zhong et al., "Improving Sharpness-Aware Minimization with Fisher Mask for Better Generalization
+on Language Models", EMNLP Findings 2022 (arXiv 2210.05497). The algorithm, per optimizer step
+:math:`t` (docs/design.md §1):
 
 .. code-block:: text
 
+    input: weights w, base optimizer B, radius ρ, keep ratio κ, mask interval T_m,
+           perturbation interval k, norm ∈ {full, masked}, excluded ∈ {dense, none}, ε
     pass 1:  g = ∇L(w)                                   (reduced over data parallel)
-    if t % k != 0:  B.step(g)  -- a plain base-optimizer step, nothing else (interval k)
-    if no mask yet, or this is the first perturbing step at or after a multiple of T_m:
-             F = fisher(g)             'batch': g²; 'empirical': Σ_i (∇ log p(y_i|x_i))²
-             m = top-k(F over eligible entries),  k = round(κ · N_eligible)     (global)
-    n = ‖g‖ over all trainable entries ('full')  or  ‖m ⊙ g‖ ('masked')
-    e = ρ · m ⊙ g / (n + ε)  on eligible entries;  ρ · g / (n + ε) or 0 on excluded ones
-        (dense: only the entries with g ≠ 0 are touched -- e is 0 on the others)
+    if t % k != 0:
+             B.step(g)       -- a plain step (with LookSAM: g + α ‖g‖/‖g_v‖ · g_v, looksam.py)
+             continue
+    if no mask yet, or t is the first perturbing step at or after a multiple of T_m:
+             F = fisher(g)             'batch': g²;  'empirical': Σ_i (∇ log p(y_i|x_i))²
+             m = top-k(F over eligible entries),  k = round(κ · N_eligible)      (global, select.py)
+    n = ‖g‖ over all trainable entries ('full')  or  ‖m ⊙ g‖ ('masked')          (one all-reduce)
+    e = ρ · m ⊙ g / (n + ε)  on eligible entries
+        ρ · g / (n + ε) ('dense', only where g ≠ 0) or 0 ('none') on excluded entries
         adaptive (ASAM): g ← |w|² ⊙ g in e, and n = ‖|w| ⊙ g‖
-    w ← w + e;  pass 2: g₂ = ∇L(w + e);  w ← w − e exactly (saved values restored)
+    w ← w + e                  (the exact restore data is kept: restore.py)
+    pass 2:  g₂ = ∇L(w + e)
+    w ← w                      (put back bit for bit, not w + e − e)
     B.step(g₂)
 
-Refreshing the mask never cancels the step's perturbation. Every global quantity (norms, the
-eligible count, the top-k) is computed from local shards with :mod:`.comm` and :mod:`.select`,
-so the answer does not depend on how the parameters are sharded.
+Refreshing the mask never cancels the step's perturbation. κ = 1 with nothing excluded is SAM;
+ρ = 0 is B. Every global quantity (norms, the eligible count, the top-k) is computed from local
+shards with :mod:`.comm` and :mod:`.select`, so the answer does not depend on how the parameters
+are sharded. State kept per rank: the mask (:mod:`.masks`, 1/8 byte per eligible entry at
+κ = 0.1) and, between the perturbation and the restore only, the restore data (:mod:`.restore`).
 
-State kept per rank (:mod:`.masks`): the mask, bit-packed or as int32 indices (whichever is
-smaller: 1/8 byte per eligible entry at κ = 0.1); and, between the perturbation and the restore
-only, what restores the weights exactly: for fp32 weights the *low 16 bits* of each perturbed
-entry and one carry bit (2.125 bytes) -- the high 16 bits are read back from the perturbed
-value, which moved them by at most one unit where |e| is below 2^16 units in the last place of
-w (the carry bit says whether they moved; the low bits say which way). Entries that changed sign
-or moved further keep their whole original bit pattern with an int32 position. Per chunk of
-2^20 entries the cheapest of that with the low 8, 16 or 24 bits, with or without the carry bit
-(without it: exceptions wherever the high bits moved), and the plain values (4 bytes) is kept:
-|e| / |w| decides (about 2^-12 for the masked entries at the T5-3B scale: 2 bytes; far smaller
-on a dense-perturbed embedding: 1.125 bytes; near 1 in a tiny model: values). Weights of other
-dtypes keep their values. No int64 indices are kept: they are recomputed, chunk by chunk, from
-the mask.
-
-This module holds the functional pieces (:func:`grad_norm`, :func:`fisher_scores`,
-:func:`compute_mask`, :func:`perturb`, :func:`restore`) and a thin stateful :class:`FSAM`.
+Functional pieces: :func:`compute_mask`, :func:`perturb`, :func:`restore`; the stateful driver:
+:class:`FSAM` (:meth:`~FSAM.ascend` after pass 1, :meth:`~FSAM.descend` after pass 2).
 """
 
 from __future__ import annotations
@@ -50,17 +42,19 @@ from dataclasses import dataclass, field
 import torch
 
 from .comm import global_sums
-from .masks import CHUNK, Mask, pack_bits, unpack_bits
+from .looksam import add_sharpness_component, sharpness_component
+from .masks import Mask, pack_bits
+from .norms import grad_norm, sumsq
+from .restore import SMALL, Saved, restored, save
 from .select import topk_masks
-from .views import ShardView
+from .views import ShardView, chunks
+
+__all__ = ["FSAM", "Perturbation", "compute_mask", "count_nonfinite", "fisher_scores", "grad_norm", "perturb",
+           "restore"]
 
 NORMS = ("full", "masked")
 EXCLUDED_MODES = ("dense", "none")
 FISHERS = ("batch", "empirical")
-
-
-def _key(view: ShardView) -> tuple[str, int]:
-    return (view.name, view.position)
 
 
 def count_nonfinite(tensors: list[torch.Tensor]) -> int:
@@ -76,32 +70,8 @@ def count_nonfinite(tensors: list[torch.Tensor]) -> int:
     return bad
 
 
-def _sumsq(x: torch.Tensor) -> torch.Tensor:
-    """Σ x² accumulated in fp64."""
-    x = x.to(torch.float64)
-    return torch.dot(x, x) if x.numel() else torch.zeros((), dtype=torch.float64, device=x.device)
-
-
-def _local_grad_sumsq(views: list[ShardView]) -> torch.Tensor:
-    """This rank's Σ g² over the views, in fp64, a chunk at a time."""
-    local = torch.zeros((), dtype=torch.float64)
-    for v in views:
-        for start in range(0, v.numel, CHUNK):
-            local += _sumsq(v.grad[start:start + CHUNK]).cpu()
-    return local
-
-
-def grad_norm(views: list[ShardView], group=None) -> float:
-    """Global ‖g‖ over the views (fp64 accumulation, one all-reduce)."""
-    return math.sqrt(float(global_sums([_local_grad_sumsq(views)], group)[0]))
-
-
-def direction(view: ShardView, adaptive: bool) -> torch.Tensor:
-    """The ascent direction of one view in fp32: g, or |w|² ⊙ g for ASAM."""
-    return _direction(view.grad, view.weights, adaptive)
-
-
 def _direction(grad: torch.Tensor, weights: torch.Tensor, adaptive: bool) -> torch.Tensor:
+    """The ascent direction in fp32: g, or |w|² ⊙ g for ASAM."""
     g = grad.to(torch.float32)
     if adaptive:
         w = weights.to(torch.float32)
@@ -129,7 +99,7 @@ def compute_mask(views: list[ShardView], scores: list[torch.Tensor] | None, keep
 
     ``scores``: one tensor per *eligible* view, in order; None = the 'batch' Fisher g² (squared
     chunk by chunk inside the select, never stored). Returns a compact
-    :class:`~fsam_dist.core.masks.Mask` per eligible view keyed by (name, position), and the
+    :class:`~fsam_dist.core.masks.Mask` per eligible view keyed by :attr:`ShardView.key`, and the
     global density k / N_eligible. Collectives: those of the select (N_eligible comes from its
     first all-reduce); none at ``keep_ratio == 1`` (every eligible entry is kept).
     """
@@ -137,12 +107,12 @@ def compute_mask(views: list[ShardView], scores: list[torch.Tensor] | None, keep
     if scores is not None and len(scores) != len(eligible):
         raise ValueError(f"compute_mask: {len(scores)} score tensors for {len(eligible)} eligible views")
     if keep_ratio >= 1:
-        return {_key(v): Mask.full(v.numel, v.grad.device) for v in eligible}, 1.0
+        return {v.key: Mask.full(v.numel, v.grad.device) for v in eligible}, 1.0
     sources, square = ([v.grad for v in eligible], True) if scores is None else (scores, False)
     masks, k, n_eligible = topk_masks(sources, [v.position for v in eligible],
                                       lambda total: round(keep_ratio * total), group, square=square)
     density = k / n_eligible if n_eligible else 0.0
-    return {_key(v): m for v, m in zip(eligible, masks)}, density
+    return {v.key: m for v, m in zip(eligible, masks)}, density
 
 
 def _as_mask(mask, numel: int) -> Mask:
@@ -156,21 +126,16 @@ def _as_mask(mask, numel: int) -> Mask:
     return Mask.from_bool(mask)
 
 
-def nonzero_mask(grad: torch.Tensor) -> Mask:
+def _nonzero_mask(grad: torch.Tensor) -> Mask:
     """The entries where ``grad != 0``, as a compact :class:`Mask` (one chunked pass)."""
     n = grad.numel()
     packed = torch.empty(-(-n // 8), dtype=torch.uint8, device=grad.device)
     count = 0
-    for start in range(0, n, CHUNK):
-        flags = grad[start:start + CHUNK] != 0
+    for start, end in chunks(n):
+        flags = grad[start:end] != 0
         count += int(flags.sum())
-        packed[start // 8:start // 8 + -(-flags.numel() // 8)] = pack_bits(flags)
+        packed[start // 8:-(-end // 8)] = pack_bits(flags)
     return Mask.from_bits(packed, n, count)
-
-
-SMALL = 1 << 14
-"""Views of at most this many entries keep plain values for the restore (and an excluded one is
-perturbed on every entry): per-call overheads outweigh the bytes saved."""
 
 
 def _view_sums(view: ShardView, mask: Mask | None, adaptive: bool) -> torch.Tensor:
@@ -180,8 +145,7 @@ def _view_sums(view: ShardView, mask: Mask | None, adaptive: bool) -> torch.Tens
     dense_pass = mask is None or mask.kind == "bits" or (view.eligible and mask.kind in ("indices", "none"))
     if dense_pass:
         # Every entry once, in chunks; a bit-packed mask is applied densely (no index lists).
-        for start in range(0, view.numel, CHUNK):
-            end = min(view.numel, start + CHUNK)
+        for start, end in chunks(view.numel):
             g, w = view.grad[start:end], view.weights[start:end]
             sq = _normed(g, w, adaptive).to(torch.float64).square_()
             out[0] += sq.sum().cpu()
@@ -203,108 +167,23 @@ def _view_sums(view: ShardView, mask: Mask | None, adaptive: bool) -> torch.Tens
     for sel in mask.selections():
         g = view.grad[sel]
         w = view.weights[sel] if adaptive else None
-        sumsq = _sumsq(_normed(g, w, adaptive)).cpu()
+        normed_sumsq = sumsq(_normed(g, w, adaptive)).cpu()
         if covers_nonzero:
-            out[0] += sumsq
+            out[0] += normed_sumsq
         if view.eligible:
-            out[1] += sumsq
-        out[2] += _sumsq(_direction(g, w, adaptive)).cpu() if adaptive else sumsq
+            out[1] += normed_sumsq
+        out[2] += sumsq(_direction(g, w, adaptive)).cpu() if adaptive else normed_sumsq
     return out
-
-
-@dataclass
-class _Saved:
-    """How one chunk of perturbed entries is put back (see the module docstring)."""
-
-    low: torch.Tensor | None = None         # uint8 (n, b/8): bytes 0..b/8-1 of each original bit pattern
-    carry: torch.Tensor | None = None       # bit-packed: the bits above the low b changed (by ±1)
-    where: torch.Tensor | None = None       # int32: positions (in the chunk's selection) of exceptions
-    bits: torch.Tensor | None = None        # int32: their whole original bit patterns
-    values: torch.Tensor | None = None      # or: the original values themselves
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for t in (self.low, self.carry, self.where, self.bits, self.values) if t is not None)
-
-
-LOW_BITS = (8, 16, 24)
-"""How many low bits of each fp32 bit pattern the restore data may keep (whole bytes)."""
-
-
-def _save(original: torch.Tensor, perturbed: torch.Tensor) -> _Saved:
-    """Restore data for one chunk: ``original`` (a copy) and the values now in the weights.
-
-    For fp32, the cheapest of (n entries; "exceptions" keep their whole bit pattern, 8 bytes),
-    b in :data:`LOW_BITS`:
-
-    * the low b bits of each original bit pattern, exceptions where the bits above them changed
-      (b/8 bytes each);
-    * the same plus one carry bit each, exceptions only where the sign changed or the bit
-      patterns differ by 2^b or more: a same-sign fp32 bit pattern is an integer that moves by
-      the perturbation's size in units of the last place, so the bits above the low b moved by at
-      most ±1, and which of the two it was is told by the low bits themselves (b/8 + 1/8 bytes);
-    * the values (4 bytes).
-
-    |e| / |w| sets the size: |e| below 2^8 units in the last place of w (|e| / |w| ≲ 2^-15, e.g.
-    a dense-perturbed embedding) fits 1.125 bytes, below 2^16 (≲ 2^-7) 2.125 bytes.
-    """
-    n = original.numel()
-    if original.dtype != torch.float32 or n <= SMALL:
-        return _Saved(values=original)
-    old, new = original.view(torch.int32), perturbed.view(torch.int32)
-    changed = torch.bitwise_xor(old, new)
-    sign_flip = changed < 0
-    distance = torch.sub(old, new).abs_()        # exact when the sign is kept (|Δ| < 2^31)
-    cost = {"values": 4 * n}
-    for b in LOW_BITS:
-        cost[(b, False)] = b // 8 * n + 8 * int(changed.bitwise_right_shift(b).count_nonzero())
-        cost[(b, True)] = b // 8 * n + -(-n // 8) + 8 * int((sign_flip | (distance >= 1 << b)).count_nonzero())
-    keep = min(cost, key=cost.get)
-    if keep == "values":
-        return _Saved(values=original)
-    b, carry = keep
-    exception = (sign_flip | (distance >= 1 << b)) if carry else changed.bitwise_right_shift(b) != 0
-    where = torch.nonzero(exception).reshape(-1)
-    low = torch.empty((n, b // 8), dtype=torch.uint8, device=old.device)
-    for i in range(b // 8):   # byte by byte: no int32 temporary wider than one column
-        low[:, i] = old.bitwise_right_shift(8 * i).bitwise_and_(0xFF)
-    return _Saved(low=low, carry=pack_bits(changed.bitwise_right_shift(b) != 0) if carry else None,
-                  where=where.to(torch.int32), bits=old[where])
-
-
-def _restored(current: torch.Tensor, saved: _Saved) -> torch.Tensor:
-    """The original fp32 values, from the perturbed ones now in the weights (``current``)."""
-    if saved.values is not None:
-        return saved.values
-    now = current.view(torch.int32)
-    b = 8 * saved.low.shape[1]
-    low = saved.low[:, 0].to(torch.int32)
-    for i in range(1, b // 8):
-        low.bitwise_or_(saved.low[:, i].to(torch.int32).bitwise_left_shift_(8 * i))
-    bits = now.bitwise_and(-(1 << b))                                     # the bits above the low b
-    if saved.carry is not None:
-        # Where they moved, the original is the neighbour within 2^b of the current pattern:
-        # one up if its low bits are below the current ones, else one down.
-        moved = unpack_bits(saved.carry, now.numel())
-        step = torch.full_like(bits, 1 << b)
-        step = torch.where(low < now.bitwise_and((1 << b) - 1), step, step.neg())
-        bits.add_(step.mul_(moved))
-    bits.bitwise_or_(low)
-    bits[saved.where.to(torch.int64)] = saved.bits
-    return bits.view(torch.float32)
 
 
 @dataclass
 class Perturbation:
     """What :func:`perturb` changed, so :func:`restore` can undo it exactly."""
 
-    saved: dict[tuple[str, int], tuple[Mask, list[_Saved]]] = field(default_factory=dict)
+    saved: dict[tuple[str, int], tuple[Mask, list[Saved]]] = field(default_factory=dict)
     """Per view: the mask of perturbed entries and, per chunk of its selections, the restore data."""
     grad_norm: float = 0.0
     """‖g‖ over all trainable entries (the full norm, whatever ``norm`` is)."""
-    scale_norm: float = 0.0
-    """n, the norm e is divided by."""
     perturbation_norm: float = 0.0
     """‖e‖."""
     extra: list[float] = field(default_factory=list)
@@ -315,29 +194,29 @@ class Perturbation:
     @property
     def nbytes(self) -> int:
         """Bytes held to restore the weights (excluding the masks, which FSAM keeps anyway)."""
-        return sum(s.nbytes for _, chunks in self.saved.values() for s in chunks)
+        return sum(s.nbytes for _, saved in self.saved.values() for s in saved)
 
 
 def perturb(views: list[ShardView], masks: dict, *, rho: float, eps: float, norm: str,
-            excluded_mode: str, adaptive: bool, group=None, save: bool = True,
+            excluded_mode: str, adaptive: bool, group=None,
             extra_sums: list[torch.Tensor] | tuple = ()) -> Perturbation:
-    """Add e to each view's weights in place (DESIGN.md §1) and return what restores them.
+    """Add e to each view's weights in place (docs/design.md §1) and return what restores them.
 
-    ``masks``: per eligible view (keyed by (name, position)), a :class:`Mask` or a bool tensor.
+    ``masks``: per eligible view (keyed by :attr:`ShardView.key`), a :class:`Mask` or a bool tensor.
     One all-reduce of fp64 sums: ‖g‖² (or ‖|w|⊙g‖² for ASAM) over all trainable entries, the
     same over the masked entries, the squared norm of the perturbed direction, and
     ``extra_sums`` (local partials another caller wants reduced; returned in ``.extra``).
-    Works a chunk at a time: no temporary larger than :data:`~fsam_dist.core.masks.CHUNK` entries.
+    Works a chunk at a time: no temporary larger than :data:`~fsam_dist.core.views.CHUNK` entries.
     """
     plan = []   # (view, mask of the entries perturbed)
     sums = torch.zeros(3, dtype=torch.float64)   # ‖normed‖² full, over the mask, ‖direction‖² perturbed
     for view in views:
         if view.eligible:
-            mask = _as_mask(masks[_key(view)], view.numel)
+            mask = _as_mask(masks[view.key], view.numel)
         elif excluded_mode == "dense":
             # Dense, but only where g != 0 (e is 0 elsewhere): an embedding's rows not in the
             # batch are neither touched nor saved. Small parameters are not worth the scan.
-            mask = Mask.full(view.numel, view.weights.device) if view.numel <= SMALL else nonzero_mask(view.grad)
+            mask = Mask.full(view.numel, view.weights.device) if view.numel <= SMALL else _nonzero_mask(view.grad)
         else:
             mask = None
         sums += _view_sums(view, mask, adaptive)
@@ -348,16 +227,16 @@ def perturb(views: list[ShardView], masks: dict, *, rho: float, eps: float, norm
     full, masked, perturbed = sums[:3]
     n = math.sqrt(full if norm == "full" else masked)
     scale = rho / (n + eps)
-    result = Perturbation(grad_norm=math.sqrt(full), scale_norm=n, perturbation_norm=scale * math.sqrt(perturbed),
+    result = Perturbation(grad_norm=math.sqrt(full), perturbation_norm=scale * math.sqrt(perturbed),
                           extra=sums[3:])
     with torch.no_grad():
         for view, mask in plan:
             w = view.weights
-            chunks = []
+            saved = []
             for sel in mask.selections():
                 if isinstance(sel, slice):
                     e = (_direction(view.grad[sel], w[sel], adaptive) * scale).to(w.dtype)
-                    original = w[sel].clone() if save else None
+                    original = w[sel].clone()
                     w[sel].add_(e)
                     new = w[sel]
                 else:
@@ -365,82 +244,24 @@ def perturb(views: list[ShardView], masks: dict, *, rho: float, eps: float, norm
                     e = (_direction(view.grad[sel], original, adaptive) * scale).to(w.dtype)
                     new = original + e
                     w[sel] = new
-                if save:
-                    chunks.append(_save(original, new))
-            if save:
-                result.saved[_key(view)] = (mask, chunks)
+                saved.append(save(original, new))
+            result.saved[view.key] = (mask, saved)
             result.entries += mask.count
     return result
 
 
 def restore(views: list[ShardView], perturbation: Perturbation) -> None:
     """Put back the exact values :func:`perturb` saved (no w + e − e rounding)."""
-    by_key = {_key(v): v for v in views}
+    by_key = {v.key: v for v in views}
     with torch.no_grad():
-        for key, (mask, chunks) in perturbation.saved.items():
+        for key, (mask, saved) in perturbation.saved.items():
             w = by_key[key].weights
             n = 0
-            for sel, saved in zip(mask.selections(), chunks):
-                w[sel] = _restored(w[sel], saved)
+            for sel, chunk in zip(mask.selections(), saved):
+                w[sel] = restored(w[sel], chunk)
                 n += 1
-            if n != len(chunks):
-                raise RuntimeError(f"restore: {key} has {n} chunks of perturbed entries, {len(chunks)} were saved")
-
-
-def _dots(views: list[ShardView], others: dict) -> torch.Tensor:
-    """Local fp64 [⟨o, g⟩, ⟨o, o⟩, ⟨g, g⟩] of each view's gradient g and its tensor o in ``others``."""
-    out = torch.zeros(3, dtype=torch.float64)
-    for v in views:
-        other = others[_key(v)]
-        for start in range(0, v.numel, CHUNK):
-            g = v.grad[start:start + CHUNK].to(torch.float64)
-            o = other[start:start + CHUNK].to(torch.float64)
-            out += torch.stack([torch.dot(o, g), torch.dot(o, o), torch.dot(g, g)]).cpu()
-    return out
-
-
-def sharpness_component(views: list[ShardView], first: dict, group=None) -> tuple[float, float, float]:
-    """LookSAM's g_v = g_s − (⟨g, g_s⟩ / ‖g‖²) · g, written in place over ``first``.
-
-    ``first``: per view key, a copy of the pass-1 gradient g; the views hold g_s (pass 2, at
-    w + e). g_v is the part of g_s orthogonal to g: what the perturbation added. One all-reduce of
-    3 fp64. Returns (this rank's Σ g_v², reduced later with the next step's ‖g‖²; the global ‖g‖;
-    the global ‖g_v‖ / ‖g‖, from the reduced sums, for logging)."""
-    dot, first_sumsq, second_sumsq = global_sums(list(_dots(views, first)), group).tolist()
-    coef = dot / first_sumsq if first_sumsq > 0 else 0.0
-    local = 0.0
-    with torch.no_grad():
-        for v in views:
-            g = first[_key(v)]
-            for start in range(0, v.numel, CHUNK):
-                piece = g[start:start + CHUNK]
-                piece.mul_(-coef).add_(v.grad[start:start + CHUNK])
-                local += float(_sumsq(piece))
-    ratio = math.sqrt(max(0.0, second_sumsq - coef * dot) / first_sumsq) if first_sumsq > 0 else 0.0
-    return local, math.sqrt(first_sumsq), ratio
-
-
-def add_sharpness_component(views: list[ShardView], component: dict, component_sumsq: float,
-                            alpha: float | None, look_grad_norm: float, group=None) -> dict:
-    """LookSAM's plain step: g ← g + α · ‖g‖ / ‖g_v‖ · g_v on each view's gradient, in place.
-
-    ``alpha`` None: α = ‖g_v‖ / ‖g_look‖, the size g_v had next to the gradient it was measured
-    with (``look_grad_norm``), i.e. g ← g + ‖g‖ / ‖g_look‖ · g_v. One all-reduce of [‖g‖², ‖g_v‖²]
-    (``component_sumsq``: this rank's Σ g_v²). Nothing is added when g_v is 0."""
-    grad_sumsq, component_sumsq = global_sums([_local_grad_sumsq(views),
-                                               torch.tensor(component_sumsq, dtype=torch.float64)],
-                                              group).tolist()
-    if component_sumsq <= 0 or look_grad_norm <= 0:
-        scale = 0.0
-    elif alpha is None:
-        scale = math.sqrt(grad_sumsq) / look_grad_norm
-    else:
-        scale = alpha * math.sqrt(grad_sumsq / component_sumsq)
-    if scale:
-        with torch.no_grad():
-            for v in views:
-                v.grad.add_(component[_key(v)].to(v.grad.dtype), alpha=scale)
-    return {"grad_norm": math.sqrt(grad_sumsq), "reuse_scale": scale}
+            if n != len(saved):
+                raise RuntimeError(f"restore: {key} has {n} chunks of perturbed entries, {len(saved)} were saved")
 
 
 class FSAM:
@@ -521,13 +342,6 @@ class FSAM:
         unpacked on every access (FSAM itself keeps :attr:`packed_masks`)."""
         return None if self._masks is None else {key: m.to_bool() for key, m in self._masks.items()}
 
-    @masks.setter
-    def masks(self, masks) -> None:
-        if masks is None:
-            self._masks = None
-            return
-        self._masks = {key: m if isinstance(m, Mask) else Mask.from_bool(m) for key, m in masks.items()}
-
     @property
     def packed_masks(self) -> dict[tuple[str, int], Mask] | None:
         """The current mask as stored (:class:`~fsam_dist.core.masks.Mask` per eligible view)."""
@@ -564,8 +378,8 @@ class FSAM:
 
     # ---- the two halves of a perturbed step ------------------------------------------------
 
-    def ascend(self, views: list[ShardView], step: int, group=None, scores: list[torch.Tensor] | None = None,
-               save: bool = True) -> dict:
+    def ascend(self, views: list[ShardView], step: int, group=None,
+               scores: list[torch.Tensor] | None = None) -> dict:
         """After pass 1 (gradients known to be finite): refresh the mask if due, perturb in place.
 
         ``scores``: the 'empirical' Fisher, one tensor per eligible view (required then).
@@ -578,7 +392,7 @@ class FSAM:
             # copying g, so LookSAM holds one gradient-sized buffer at any time. (If pass 2 turns
             # out non-finite, the plain steps up to the next perturbed one get no g_v.)
             self._component, self._component_sumsq = None, 0.0
-            self._first = {_key(v): v.grad.detach().clone() for v in views}
+            self._first = {v.key: v.grad.detach().clone() for v in views}
         stats: dict = {}
         extra = []
         if self.refresh_due(step):
@@ -595,7 +409,7 @@ class FSAM:
                 union = sum(m.count for m in self._masks.values()) + sum(m.count for m in previous.values()) - inter
                 extra = [torch.tensor(float(inter)), torch.tensor(float(union))]
         self._pending = perturb(views, self._masks, rho=self.rho, eps=self.eps, norm=self.norm,
-                                excluded_mode=self.excluded_mode, adaptive=self.adaptive, group=group, save=save,
+                                excluded_mode=self.excluded_mode, adaptive=self.adaptive, group=group,
                                 extra_sums=extra)
         if extra:
             inter, union = self._pending.extra
@@ -648,7 +462,7 @@ class FSAM:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Load :meth:`state_dict` output (also the bool-tensor masks older checkpoints hold)."""
+        """Load :meth:`state_dict` output."""
         self.mask_step = state["mask_step"]
         self._masks = None if state["masks"] is None else \
             {(n, p): Mask.from_state(m) for n, p, m in state["masks"]}

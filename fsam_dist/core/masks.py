@@ -20,8 +20,7 @@ from typing import Iterator
 
 import torch
 
-CHUNK = 1 << 20
-"""Entries per chunk in every full pass (a multiple of 8, so chunks start on a byte of a packed mask)."""
+from .views import CHUNK, chunks
 
 KINDS = ("none", "all", "bits", "indices")
 
@@ -73,8 +72,8 @@ def popcount(packed: torch.Tensor) -> int:
     """Set bits in a packed mask (chunk by chunk)."""
     table = _POPCOUNT.to(packed.device)
     total = 0
-    for start in range(0, packed.numel(), CHUNK):
-        total += int(table[packed[start:start + CHUNK].to(torch.int64)].sum())
+    for start, end in chunks(packed.numel()):
+        total += int(table[packed[start:end].to(torch.int64)].sum())
     return total
 
 
@@ -117,10 +116,10 @@ class Mask:
         n = flat.numel()
         packed = torch.empty(-(-n // 8), dtype=torch.uint8, device=flat.device)
         count = 0
-        for start in range(0, n, CHUNK):
-            chunk = flat[start:start + CHUNK]
+        for start, end in chunks(n):
+            chunk = flat[start:end]
             count += int(chunk.sum())
-            packed[start // 8:start // 8 + -(-chunk.numel() // 8)] = pack_bits(chunk)
+            packed[start // 8:-(-end // 8)] = pack_bits(chunk)
         return cls.from_bits(packed, n, count)
 
     @classmethod
@@ -150,11 +149,10 @@ class Mask:
         if self.kind == "none":
             return
         if self.kind == "indices":
-            for start in range(0, self.count, CHUNK):
-                yield self.data[start:start + CHUNK].to(torch.int64)
+            for start, end in chunks(self.count):
+                yield self.data[start:end].to(torch.int64)
             return
-        for start in range(0, self.numel, CHUNK):
-            end = min(self.numel, start + CHUNK)
+        for start, end in chunks(self.numel):
             if self.kind == "all":
                 yield torch.arange(start, end, device=self.device) if as_indices else slice(start, end)
                 continue
@@ -194,9 +192,8 @@ class Mask:
             return other.count
         if other.kind == "all":
             return self.count
-        return sum(int((self.bool_range(s, min(s + CHUNK, self.numel)) &
-                        other.bool_range(s, min(s + CHUNK, self.numel))).sum())
-                   for s in range(0, self.numel, CHUNK))
+        return sum(int((self.bool_range(start, end) & other.bool_range(start, end)).sum())
+                   for start, end in chunks(self.numel))
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -205,10 +202,8 @@ class Mask:
         return {"kind": self.kind, "numel": self.numel, "count": self.count, "data": self.data}
 
     @classmethod
-    def from_state(cls, state) -> "Mask":
-        """From :meth:`state`, or from a bool tensor (checkpoints written before masks were packed)."""
-        if isinstance(state, torch.Tensor):
-            return cls.from_bool(state)
+    def from_state(cls, state: dict) -> "Mask":
+        """From :meth:`state`."""
         return cls(state["numel"], state["count"], state["kind"], state["data"])
 
     def __repr__(self) -> str:

@@ -42,7 +42,8 @@ from typing import Callable
 import torch
 
 from .comm import all_reduce
-from .masks import CHUNK, Mask, pack_bits, popcount
+from .masks import Mask, pack_bits, popcount
+from .views import CHUNK, chunks
 
 HIGH_BINS = 1 << 15
 """Local histogram bins over the high 16 bits of a non-negative fp32 (sign bit 0)."""
@@ -122,11 +123,6 @@ def _high_half(f: torch.Tensor) -> torch.Tensor:
     return halves[1::2] if sys.byteorder == "little" else halves[0::2]
 
 
-def _chunks(n: int):
-    for start in range(0, n, CHUNK):
-        yield start, min(n, start + CHUNK)
-
-
 class _Buffers:
     """Chunk-sized scratch tensors, reused across pieces."""
 
@@ -144,7 +140,7 @@ class _Buffers:
 
 def _check_and_histogram(piece: _Piece, counts: torch.Tensor, bufs: _Buffers) -> bool:
     """Add the piece's high-16-bit histogram to ``counts``; False if it holds an invalid score."""
-    for start, end in _chunks(piece.numel):
+    for start, end in chunks(piece.numel):
         x = piece.read(start, end, bufs.get("f32", torch.float32))
         low, high = (int(v) for v in torch.aminmax(x.view(torch.int32)))
         if low < 0:   # a sign bit: a negative, -0.0 or a negative NaN
@@ -288,7 +284,7 @@ def _split_at(i: int, piece: _Piece, prefix: int, sink, bufs: _Buffers) -> torch
     int64 indices of those equal to it, chunk by chunk (two int32 compares per entry)."""
     low, high = prefix << 16, (prefix + 1) << 16
     found = [torch.zeros(0, dtype=torch.int64, device=piece.src.device)]
-    for start, end in _chunks(piece.numel):
+    for start, end in chunks(piece.numel):
         bits = piece.read(start, end, bufs.get("f32", torch.float32)).view(torch.int32)
         above = sink.above(i, start, end, bufs)
         torch.ge(bits, high, out=above)

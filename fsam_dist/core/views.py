@@ -8,8 +8,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
+
+CHUNK = 1 << 20
+"""Entries per chunk in every full pass over a view or a mask (a multiple of 8, so chunks start on
+a byte of a packed mask): no temporary in the core is larger than this."""
+
+
+def chunks(n: int, size: int = CHUNK) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each chunk of ``range(n)``: the one loop every full pass uses."""
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
 
 DEFAULT_EXCLUDE = (
     r"(^|\.)bias$",
@@ -55,6 +66,11 @@ class ShardView:
     @property
     def numel(self) -> int:
         return self.weights.numel()
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """(name, position): how masks and saved state refer to this view."""
+        return (self.name, self.position)
 
 
 def is_eligible(name: str, exclude: list[str] | tuple[str, ...]) -> bool:

@@ -26,14 +26,11 @@ class Backend:
         loss_multiplier: factor on ``loss_sum / global_target_count`` so that the gradient the
             backend reduces equals the gradient of the global-batch mean (e.g. the world size
             where the backend averages gradients over ranks).
-        saves_weights: whether the core must save original values to restore (False where the
-            adapter restores from a master copy in :meth:`publish`).
     """
 
     group = None
     world_group = None
     loss_multiplier: float = 1.0
-    saves_weights: bool = True
     rank: int = 0
     world_size: int = 1
 

@@ -141,8 +141,6 @@ class DeepSpeedBackend(Backend):
     must have run before. Not supported: ZeRO offload, fp16 (needs a GPU; untested).
     """
 
-    saves_weights = True   # the core restores the fp32 master / partition to its saved values
-
     def __init__(self, model: torch.nn.Module, ds_config: dict, optimizer: torch.optim.Optimizer, scheduler=None,
                  exclude: tuple[str, ...] | list[str] = DEFAULT_EXCLUDE) -> None:
         import deepspeed

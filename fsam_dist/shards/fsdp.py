@@ -274,8 +274,6 @@ class FSDPBackend(Backend):
         device: compute device; default: the current CUDA device under NCCL, else CPU.
     """
 
-    saves_weights = True
-
     def __init__(self, model: nn.Module, version: int = 2,
                  optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
                  scheduler_factory: Callable[[torch.optim.Optimizer], object] | None = None, *,

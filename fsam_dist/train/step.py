@@ -135,8 +135,7 @@ def train_step(backend: Backend, loss_fn: LossFn, micro_batches: list[dict], *, 
 
     if fsam is not None:
         try:
-            stats.update(fsam.ascend(backend.views(), step, backend.group, scores=scores,
-                                     save=backend.saves_weights))
+            stats.update(fsam.ascend(backend.views(), step, backend.group, scores=scores))
             stats["perturbed"] = 1
             backend.publish(restored=False)
             backend.zero_grad()

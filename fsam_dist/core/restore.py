@@ -1,0 +1,93 @@
+"""Exact-restore codec: what :func:`~fsam_dist.core.fsam.perturb` keeps to put the weights back bit for bit.
+
+SAM restores w after pass 2; w + e − e is not w in floating point, and a full copy of w costs 4
+bytes per entry. A same-sign fp32 bit pattern is an integer that the perturbation moves by |e| in
+units of the last place of w. Where that move is below 2^b units, the bits above the low b moved by
+at most ±1; so the low b bits of the original pattern and one *carry* bit (did the bits above
+them move?) give the original back from the perturbed value: the high bits are read from the
+perturbed value and moved one step back where the carry says so -- up if the saved low bits are
+below the current ones, else down. Entries that changed sign or moved by 2^b units or more
+(*exceptions*) keep their whole pattern with an int32 position.
+
+b is chosen per chunk from {8, 16, 24} (or the plain values) by cost: |e| / |w| sets it -- a
+densely perturbed embedding (|e| ≪ ulp·2^8) fits 1.125 bytes per entry, FSAM's masked entries
+at the T5 scale 2.125, a tiny model's large moves 3.125 or the 4-byte values. Weights of other
+dtypes and small chunks keep their values. Measured sizes: bench/README.md ("Memory per rank").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .masks import pack_bits, unpack_bits
+
+SMALL = 1 << 14
+"""Chunks of at most this many entries keep plain values (and an excluded view this small is
+perturbed on every entry): per-call overheads outweigh the bytes saved."""
+
+LOW_BITS = (8, 16, 24)
+"""How many low bits of each fp32 bit pattern the restore data may keep (whole bytes)."""
+
+
+@dataclass
+class Saved:
+    """How one chunk of perturbed entries is put back."""
+
+    low: torch.Tensor | None = None         # uint8 (n, b/8): bytes 0..b/8-1 of each original bit pattern
+    carry: torch.Tensor | None = None       # bit-packed: the bits above the low b changed (by ±1)
+    where: torch.Tensor | None = None       # int32: positions (in the chunk's selection) of exceptions
+    bits: torch.Tensor | None = None        # int32: their whole original bit patterns
+    values: torch.Tensor | None = None      # or: the original values themselves
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in (self.low, self.carry, self.where, self.bits, self.values) if t is not None)
+
+
+def save(original: torch.Tensor, perturbed: torch.Tensor) -> Saved:
+    """Restore data for one chunk: ``original`` (a copy) and the values now in the weights.
+
+    The cheapest of: for b in :data:`LOW_BITS`, the low b bits + carry bit of each entry
+    (b/8 + 1/8 bytes) plus 8 bytes per exception; the values (4 bytes).
+    """
+    n = original.numel()
+    if original.dtype != torch.float32 or n <= SMALL:
+        return Saved(values=original)
+    old, new = original.view(torch.int32), perturbed.view(torch.int32)
+    sign_flip = torch.bitwise_xor(old, new) < 0
+    distance = torch.sub(old, new).abs_()        # exact when the sign is kept (|Δ| < 2^31)
+    cost = {b: b // 8 * n + -(-n // 8) + 8 * int((sign_flip | (distance >= 1 << b)).count_nonzero())
+            for b in LOW_BITS}
+    b = min(cost, key=cost.get)
+    if cost[b] >= 4 * n:
+        return Saved(values=original)
+    where = torch.nonzero(sign_flip | (distance >= 1 << b)).reshape(-1)
+    low = torch.empty((n, b // 8), dtype=torch.uint8, device=old.device)
+    for i in range(b // 8):   # byte by byte: no int32 temporary wider than one column
+        low[:, i] = old.bitwise_right_shift(8 * i).bitwise_and_(0xFF)
+    moved = torch.bitwise_xor(old, new).bitwise_right_shift_(b) != 0
+    return Saved(low=low, carry=pack_bits(moved), where=where.to(torch.int32), bits=old[where])
+
+
+def restored(current: torch.Tensor, saved: Saved) -> torch.Tensor:
+    """The original values, from the perturbed ones now in the weights (``current``)."""
+    if saved.values is not None:
+        return saved.values
+    now = current.view(torch.int32)
+    b = 8 * saved.low.shape[1]
+    low = saved.low[:, 0].to(torch.int32)
+    for i in range(1, b // 8):
+        low.bitwise_or_(saved.low[:, i].to(torch.int32).bitwise_left_shift_(8 * i))
+    bits = now.bitwise_and(-(1 << b))                                     # the bits above the low b
+    # Where they moved, the original is the neighbour within 2^b of the current pattern:
+    # one up if its low bits are below the current ones, else one down.
+    moved = unpack_bits(saved.carry, now.numel())
+    step = torch.full_like(bits, 1 << b)
+    step = torch.where(low < now.bitwise_and((1 << b) - 1), step, step.neg())
+    bits.add_(step.mul_(moved))
+    bits.bitwise_or_(low)
+    bits[saved.where.to(torch.int64)] = saved.bits
+    return bits.view(torch.float32)
