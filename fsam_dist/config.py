@@ -190,6 +190,11 @@ class DataConfig(_Section):
     """Keep only the first N training examples (the limited-data setting)."""
     max_eval_examples: int | None = Field(None, ge=1)
     """Evaluate on at most N validation examples."""
+    max_bad_row_fraction: float = Field(0.01, ge=0, le=1)
+    """Largest share of a data file's rows that may be unreadable (malformed, missing a field,
+    empty, not UTF-8): such rows are skipped, counted and warned about; above the share, training
+    stops before it starts with one error naming the file, the count and the first line numbers.
+    1 = never stop."""
 
 
 class OptimConfig(_Section):

@@ -116,6 +116,10 @@ CASES = [
     ("malformed-jsonl", [_set("data.train_file", _file("bad.jsonl", "{not json\n[1, 2\n"))], {}, "bad.jsonl"),
     ("missing-field", [_set("data.train_file", _file("nofield.jsonl", '{"source": "a b"}\n' * 5))], {},
      "nofield.jsonl"),
+    ("half-the-rows-malformed", [_set("data.train_file", _file("half.jsonl", '{"source": "a", "target": "b"}\n'
+                                                                   '{"source": "c", "target": \n'))], {},
+     "half.jsonl: 1 of 2 rows (50.0%) cannot be read (1× malformed JSON; first at lines 2)"),
+    ("bad-row-share-out-of-range", [_set("data.max_bad_row_fraction", 1.5)], {}, "data.max_bad_row_fraction"),
     ("missing-eval-file", [_set("data.eval_file", "/nonexistent/valid.jsonl"), _set("eval.enabled", True)], {},
      "data.eval_file"),
     ("all-targets-too-long", [_set("data.max_target_length", 2)], {}, "data.max_target_length"),
@@ -175,6 +179,25 @@ def test_bad_input_is_one_clear_error_before_any_process_group(tmp_path, tiny_t5
     assert err.count("error: ") == 1 and needle in err[err.index("error: "):], err
     assert not dist.is_initialized(), "the error must come before any process group starts"
     assert not (tmp_path / "out").exists(), "a failed start must not leave an output directory"
+
+
+def test_a_few_bad_rows_are_skipped_with_a_warning_and_more_are_one_error(tmp_path, caplog):
+    """Under data.max_bad_row_fraction the bad rows are counted, skipped and warned about; over
+    it, one error names the file, the count and the first line numbers."""
+    from fsam_dist.seq2seq.data import TooManyBadRows, load_examples
+
+    good = '{"source": "a", "target": "b"}\n'
+    path = tmp_path / "train.jsonl"
+    path.write_text(good * 99 + "{broken\n")
+    with caplog.at_level("WARNING", logger="fsam_dist.seq2seq.data"):
+        examples, report = load_examples(str(path), "train", max_bad_fraction=0.01)
+    assert len(examples) == 99 and report.n_bad == 1 and report.bad_lines == {"malformed JSON": [100]}
+    assert "1 malformed JSON (lines 100)" in caplog.text
+    path.write_text(good * 97 + "{broken\n" + good + "[1]\n" + "{broken\n")
+    with pytest.raises(TooManyBadRows, match=r"train.jsonl: 3 of 101 rows .* first at lines 98, 100, 101\), "
+                                             r"more than the 1.0% allowed by data.max_bad_row_fraction"):
+        load_examples(str(path), "train", max_bad_fraction=0.01)
+    assert len(load_examples(str(path), "train", max_bad_fraction=1.0)[0]) == 98
 
 
 def test_there_are_at_least_25_cases():

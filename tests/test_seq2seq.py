@@ -18,7 +18,6 @@ from fsam_dist.seq2seq.data import (
     MissingPackageError,
     collate,
     load_examples,
-    parse_po,
     task_for_spec,
     tokenize_examples,
 )
@@ -117,7 +116,11 @@ def test_builtin_django_catalogue_splits():
     assert task_for_spec("builtin:django-uk") == "translation"
 
 
-def test_po_parser_skips_header_fuzzy_plural_obsolete():
+def test_po_catalogue_skips_header_fuzzy_plural_obsolete(tmp_path):
+    from collections import Counter
+
+    from fsam_dist.seq2seq.data.corpora.django import catalogue_pairs
+
     text = r'''msgid ""
 msgstr ""
 "Language: de\n"
@@ -129,6 +132,9 @@ msgstr "Unscharf"
 msgctxt "month"
 msgid "May"
 msgstr "Mai"
+
+msgid "Not yet"
+msgstr ""
 
 #, python-format
 msgid ""
@@ -143,11 +149,11 @@ msgstr[1] "%(n)s Dateien"
 #~ msgid "Old"
 #~ msgstr "Alt"
 '''
-    entries = parse_po(text)
-    assert [e["msgid"] for e in entries] == ["", "Fuzzy", "May", 'Line one and "two"', "%(n)s file", "Old"]
-    assert entries[1]["flags"] == {"fuzzy"} and entries[2]["msgctxt"] == "month"
-    assert entries[3]["msgstr"] == 'Zeile eins und "zwei"'
-    assert entries[4]["msgstr_plural"] == {0: "%(n)s Datei", 1: "%(n)s Dateien"} and entries[5]["obsolete"]
+    path = tmp_path / "django.po"
+    path.write_text(text, encoding="utf-8")
+    skipped = Counter()
+    assert catalogue_pairs(path, skipped) == [("May", "Mai"), ('Line one and "two"', 'Zeile eins und "zwei"')]
+    assert skipped == {"fuzzy": 1, "plural": 1, "obsolete": 1, "untranslated": 1}
 
 
 def test_missing_package_names_the_pip_command(monkeypatch):

@@ -47,45 +47,14 @@ INFO_FILE = "fsam_init.json"
 
 
 # ---------------------------------------------------------------------------------------- tokenizers
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        byte = buf[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, i
-
-
-def _proto_fields(buf: bytes):
-    """(field number, value) of a serialized protobuf message (wire types 0, 1, 2, 5)."""
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            value, i = buf[i:i + n], i + n
-        elif wire == 5:
-            value, i = buf[i:i + 4], i + 4
-        elif wire == 1:
-            value, i = buf[i:i + 8], i + 8
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield number, value
-
-
 def _precompiled_charsmap(model_proto: bytes) -> bytes | None:
-    """``ModelProto.normalizer_spec(3).precompiled_charsmap(2)`` without needing protobuf."""
-    for number, value in _proto_fields(model_proto):
-        if number == 3:
-            for sub, sub_value in _proto_fields(value):
-                if sub == 2:
-                    return bytes(sub_value) or None
-    return None
+    """The normaliser's precompiled character map of a serialized SentencePiece ``ModelProto``
+    (what transformers' T5Tokenizer needs to normalise as SentencePiece does)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(model_proto)
+    return model.normalizer_spec.precompiled_charsmap or None
 
 
 def train_t5_tokenizer(texts: list[str], vocab_size: int = 512, extra_ids: int = 0):

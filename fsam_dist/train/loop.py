@@ -46,7 +46,8 @@ def prepare(cfg: Config):
     try:
         examples, report = load_examples(cfg.data.train_file, "train", source_field=cfg.data.source_field,
                                          target_field=cfg.data.target_field, prefix=cfg.data.prefix,
-                                         max_examples=cfg.data.max_train_examples, seed=0)
+                                         max_examples=cfg.data.max_train_examples, seed=0,
+                                         max_bad_fraction=cfg.data.max_bad_row_fraction)
         features = tokenize_examples(examples, tokenizer, cfg.data.max_source_length, cfg.data.max_target_length,
                                      report)
     except (OSError, ValueError, ImportError) as err:
