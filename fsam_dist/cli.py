@@ -8,7 +8,7 @@ import sys
 
 USAGE = """Fine-tune a T5/BART model with FSAM on any backend.
 
-    python launch/train.py --config configs/t5_tiny.yaml                               # one process
+    python launch/train.py --config configs/t5_cmudict.yaml                            # one process
     torchrun --nproc_per_node 2 launch/train.py --config ... backend.name=ddp          # DDP
     deepspeed --num_gpus 2 launch/train.py --config ... backend.deepspeed_config=configs/deepspeed/zero3.json
     accelerate launch --config_file configs/accelerate/fsdp2.yaml launch/train.py --config ...

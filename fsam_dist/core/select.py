@@ -1,4 +1,4 @@
-"""Exact distributed top-k over scores spread across ranks (DESIGN.md §2).
+"""Exact distributed top-k over scores spread across ranks (docs/design.md §2).
 
 ``global_topk_mask`` marks the ``k`` largest scores of the concatenation of every rank's pieces,
 ties broken by lower global position, i.e. the first ``k`` of a *stable descending sort* of all

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO stages 0, 1, 2 and 3 (DESIGN.md §3, §4).
+"""DeepSpeed ZeRO stages 0, 1, 2 and 3 (docs/design.md §3; measured facts: docs/backends.md).
 
 Where the local shard lives after a backward at the accumulation boundary:
 

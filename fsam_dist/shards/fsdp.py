@@ -1,6 +1,6 @@
 """PyTorch FSDP: FSDP1 (``FullyShardedDataParallel``, ``use_orig_params=True``) and FSDP2 (``fully_shard``).
 
-Where things live (DESIGN.md §3, §4), after a backward at the accumulation boundary:
+Where things live (docs/design.md §3, docs/backends.md), after a backward at the accumulation boundary:
 
 * **FSDP2** -- every parameter is a ``DTensor`` sharded on dim 0 (``Shard(0)``, torch.chunk
   layout: rank ``r`` holds rows ``[r·c, min((r+1)·c, rows))`` with ``c = ceil(rows / world)``).
@@ -28,7 +28,7 @@ still gathered (FSDP1 ``SHARD_GRAD_OP``/``NO_SHARD``, FSDP2 ``reshard_after_forw
 anything that unsharded them since), so pass 2 always computes at ``w + e``.
 
 ``accelerate launch --config_file configs/accelerate/fsdp2.yaml`` is used as a *launcher* only:
-accelerate 1.15's own FSDP preparation does not work on CPU (DESIGN.md §4).
+accelerate 1.15's own FSDP preparation does not work on CPU (docs/backends.md).
 :func:`fsdp_settings_from_env` turns the ``FSDP_*`` variables its yaml produces into
 :class:`FSDPSettings`, and this module does the wrapping.
 """
