@@ -153,6 +153,9 @@ CASES = [
      {**TWO_RANKS, **FSDP1_ENV, "FSDP_ACTIVATION_CHECKPOINTING": "true"}, "fsdp_activation_checkpointing"),
     ("fp16-on-cpu", [_set("train.precision", "fp16")], {}, "train.precision: fp16"),
     ("resume-not-a-checkpoint", [_set("train.resume", _file("ckpt", "x"))], {}, "train.resume"),
+    # a relative path that does not exist yet (the shipped example's runs/t5-small) is not a hub id
+    ("model-path-not-made-yet", [_set("model.name_or_path", "runs/no-such-model-yet")], {},
+     "model.name_or_path: 'runs/no-such-model-yet' does not exist"),
 ]
 
 
@@ -179,6 +182,16 @@ def test_bad_input_is_one_clear_error_before_any_process_group(tmp_path, tiny_t5
 
 def test_there_are_at_least_25_cases():
     assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("value", [None, "None", "null", 0])
+def test_clip_grad_norm_null_or_none_is_off(tmp_path, tiny_t5_dir, tiny_data, value):
+    """Hugging Face users write null/None for 'no clipping'."""
+    from fsam_dist.config import load_config
+
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_t5_dir, tiny_data, tmp_path / "out", optim={"clip_grad_norm": value})
+    assert load_config(cfg).optim.clip_grad_norm == 0.0
+    assert load_config(cfg, [f"optim.clip_grad_norm={value}"]).optim.clip_grad_norm == 0.0
 
 
 def test_missing_config_file_and_non_mapping_yaml(tmp_path, capsys):
