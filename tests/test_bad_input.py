@@ -200,3 +200,22 @@ def test_missing_config_file_and_non_mapping_yaml(tmp_path, capsys):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     assert _main()(["--config", str(tmp_path / "list.yaml")]) == 2
     assert "top level must be a mapping" in capsys.readouterr().err
+
+
+def test_deepspeed_config_without_deepspeed_installed_names_the_extra(tmp_path, tiny_t5_dir, tiny_data, capsys,
+                                                                       monkeypatch):
+    """DeepSpeed is an extra: a DDP/FSDP-only install that is given a DeepSpeed JSON gets the pip command."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_t5_dir, tiny_data, tmp_path / "out",
+                       backend={"deepspeed_config": "configs/deepspeed/zero2.json"})
+    assert _main()(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "DeepSpeed is not installed" in err and "fsam-dist[deepspeed]" in err, err
+    assert not dist.is_initialized()
