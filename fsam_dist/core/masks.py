@@ -9,8 +9,8 @@ so indices win below a density of 1/32 and bits above it (FSAM's default κ = 0.
 1/8 byte per entry instead of the 1 byte of a bool tensor). All-set and all-clear masks store
 nothing (``'all'``, ``'none'``): SAM (κ = 1) and excluded parameters perturbed densely keep no mask.
 
-Everything here works chunk by chunk (:data:`CHUNK` entries), so unpacking never materialises a
-full-size bool or int64 tensor: :meth:`Mask.selections` yields, per chunk, either a slice (every
+Everything here works chunk by chunk (:data:`~fsam_dist.core.views.CHUNK` entries), so unpacking
+never materialises a full-size bool or int64 tensor: :meth:`Mask.selections` yields, per chunk, either a slice (every
 entry of a dense range) or the int64 indices of that chunk's set entries.
 """
 
@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from .views import CHUNK, chunks
+from .views import chunks
 
 KINDS = ("none", "all", "bits", "indices")
 
