@@ -42,14 +42,6 @@ def _tensors(tree):
             yield from _tensors(v)
 
 
-class _OnDevice(torch.Tensor):
-    """A CPU tensor that says it lives on a GPU (what ``checkpoint.save`` sees on one)."""
-
-    @property
-    def device(self):
-        return torch.device("cuda", 0)
-
-
 def test_saved_fsam_state_is_on_cpu_and_loaded_with_map_location(tmp_path, monkeypatch):
     model = tiny_t5()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -60,13 +52,19 @@ def test_saved_fsam_state_is_on_cpu_and_loaded_with_map_location(tmp_path, monke
                    count_targets=count_target_tokens, fsam=fsam)
     state = fsam.state_dict()
     assert len(list(_tensors(state))) > 2, "the FSAM state holds mask and LookSAM tensors"
-    moved = checkpoint._moved({"a": [_OnDevice(torch.ones(2))], "b": (torch.zeros(1), 3)})
-    assert all(t.device.type == "cpu" and type(t) is torch.Tensor for t in _tensors(moved))
+    # every tensor of a nested state is moved (to 'meta' here: the only other device a CPU has)
+    moved = checkpoint._moved({"a": [torch.ones(2)], "b": (torch.zeros(1), 3)}, "meta")
+    assert [t.device.type for t in _tensors(moved)] == ["meta", "meta"] and moved["b"][1] == 3
 
+    routed = []
+    real_moved = checkpoint._moved
+    monkeypatch.setattr(checkpoint, "_moved", lambda tree, device="cpu": (
+        routed.append(device) if isinstance(tree, dict) and "mask_step" in tree else None) or real_moved(tree, device))
     path = checkpoint.save(tmp_path, 3, backend, fsam, {"step": 3, "world_size": 1, "backend": "single",
                                                        "config": {}}, 0, keep_last_n=2)
     saved = torch.load(path / "rank-0.pt", map_location="meta", weights_only=True)["fsam"]
     raw = torch.load(path / "rank-0.pt", weights_only=True)["fsam"]
+    assert routed == ["cpu"], "the FSAM state goes through the move to the CPU before torch.save"
     assert len(list(_tensors(saved))) == len(list(_tensors(state)))
     assert all(t.device.type == "cpu" for t in _tensors(raw)), "every saved FSAM tensor is a CPU tensor"
 
@@ -75,6 +73,7 @@ def test_saved_fsam_state_is_on_cpu_and_loaded_with_map_location(tmp_path, monke
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
     fresh = FSAM(rho=0.05, keep_ratio=0.1, mask_interval=5, interval=2, reuse_direction=True)
     checkpoint.load(path, backend, fresh, 0, 1, "single")
+    assert routed[-1] == torch.device("cpu"), "loaded state goes to the device of this rank's parameters"
     rank_loads = [k for k in calls if k.get("weights_only") and "mmap" not in k]
     assert rank_loads and all(k.get("map_location") == "cpu" for k in rank_loads), calls
     assert fresh.state_dict()["mask_step"] == state["mask_step"]
