@@ -207,6 +207,48 @@ def test_zero3_looksam_writes_the_corrected_gradient_back(tmp_path):
     tds.check_against_reference(results, "z3-looksam-copies", tds.Case("t5", 3, looksam=True), 2)
 
 
+def _zero3_bf16_perturbation(rank: int, world: int) -> dict:
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    from . import test_deepspeed as tds
+
+    tds.init_deepspeed()
+    backend = tds.ds_backend(tds.Case("t5", 3, config=tds.BF16), world)
+    params = [p for _, p in backend.trainable]
+    masters = lambda: [safe_get_local_fp32_param(p).detach().clone() for p in params]   # noqa: E731
+    partitions = lambda: [p.ds_tensor.detach().clone() for p in params]                 # noqa: E731
+    seen = []
+    publish = backend.publish
+
+    def recording(*args, **kwargs):
+        publish(*args, **kwargs)
+        seen.append((masters(), partitions()))
+
+    backend.publish = recording
+    fsam = FSAM(rho=0.05, keep_ratio=0.1, mask_interval=5)
+    tds.train(backend, tds.Case("t5", 3), fsam, world, rank, steps=range(1))   # step 0 leaves w₀ trained
+    seen.clear()
+    before_m, before_p = masters(), partitions()
+    tds.train(backend, tds.Case("t5", 3), fsam, world, rank, steps=range(1, 2))
+    (pert_m, pert_p), (rest_m, rest_p) = seen
+    return {
+        "bf16": all(t.dtype == torch.bfloat16 for t in before_p),
+        "start_rounded": all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(before_p, before_m)),
+        "master_moved": sum(int((a != b).sum()) for a, b in zip(pert_m, before_m)),
+        "partition_is_rounded_master": all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(pert_p, pert_m)),
+        "master_restored": all(torch.equal(a, b) for a, b in zip(rest_m, before_m)),
+        "partition_restored": all(torch.equal(a, b) for a, b in zip(rest_p, before_p)),
+    }
+
+
+def test_zero3_bf16_perturbs_the_fp32_master_and_restores_exactly():
+    for r in run_distributed(_zero3_bf16_perturbation, 2, timeout=600):
+        assert r["bf16"] and r["start_rounded"]
+        assert r["master_moved"] > 0, "the perturbation reaches the fp32 master"
+        assert r["partition_is_rounded_master"], "the forward reads bf16(w + e) from the master"
+        assert r["master_restored"] and r["partition_restored"]
+
+
 def _broadcast_rank(rank: int, world: int) -> dict:
     from fsam_dist.train.evaluate import broadcast_module
 

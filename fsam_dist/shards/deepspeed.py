@@ -10,10 +10,12 @@ Where the local shard lives after a backward at the accumulation boundary:
   the replicated (bit16 or fp32) weights the forward reads; the core restores the master exactly
   and the same call publishes the restored weights.
 * ZeRO-3: each parameter is split into equal, padded partitions (``p.ds_tensor``, the weights the
-  forward gathers); the local gradient partition comes from ``safe_get_local_grad``. The
-  perturbation goes into ``p.ds_tensor`` in place; then every gathered copy is released (the next
-  forward re-gathers it) and the persistent parameters re-gathered, as ``step()`` leaves them.
-  ``step()`` rewrites ``p.ds_tensor`` from the fp32 master.
+  forward gathers); the local gradient partition comes from ``safe_get_local_grad``. In fp32 the
+  perturbation goes into ``p.ds_tensor`` in place; in bf16 into the fp32 master
+  (``safe_get_local_fp32_param``, a view), copied into ``p.ds_tensor`` by ``publish`` (so e is
+  rounded once, from w + e in fp32, and the restore is exact). Then every gathered copy is
+  released (the next forward re-gathers it) and the persistent parameters re-gathered, as
+  ``step()`` leaves them. ``step()`` rewrites ``p.ds_tensor`` from the fp32 master.
 
 The global position of a fragment is the start of its parameter in the model-wide flattened order
 (trainable parameters in ``named_parameters()`` order) plus its offset in the parameter, exactly
@@ -92,13 +94,26 @@ def _zero12_clear_grads(optimizer) -> None:
 def _zero3_local(p: torch.nn.Parameter, rank: int):
     """(offset in p, local weight partition, local fp32 gradient, the padded gradient partition
     to write back with ``safe_set_local_grad``), padding dropped."""
-    from deepspeed.utils import safe_get_local_grad
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
 
     size = p.ds_tensor.ds_numel
     start = rank * size
     n = max(0, min(size, p.ds_numel - start))
     grad = safe_get_local_grad(p)   # a copy where DeepSpeed keeps it in another dtype
-    return start, p.ds_tensor.view(-1)[:n], grad.view(-1)[:n], grad
+    weights = p.ds_tensor.view(-1)
+    if weights.dtype != torch.float32:   # bf16: perturb the fp32 master (a view); publish rounds it
+        weights = safe_get_local_fp32_param(p).view(-1)
+    return start, weights[:n], grad.view(-1)[:n], grad
+
+
+def _zero3_copy_masters(params) -> None:
+    """bf16 partitions ← their fp32 masters (what ``step()`` does after the update): after the
+    restore the master holds the exact original, whose bf16 rounding is the original partition."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    with torch.no_grad():
+        for p in params:
+            p.ds_tensor.view(-1).copy_(safe_get_local_fp32_param(p).view(-1))
 
 
 def _zero3_publish(optimizer, device: torch.device) -> None:
@@ -188,6 +203,7 @@ class DeepSpeedBackend(Backend):
         # ZeRO-3: the gradient partitions handed out by the last views() (possibly copies), written
         # back before the step so an in-place change (LookSAM's g + α g_v) reaches the optimizer.
         self._zero3_grads: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self.bit16 = bool(ds_config.get("bf16", {}).get("enabled", False))
 
     @property
     def model(self) -> torch.nn.Module:
@@ -222,6 +238,8 @@ class DeepSpeedBackend(Backend):
         if self.layout == "fragments":
             self.optimizer.update_lp_params()   # fp32 master → replicated weights (all-gather)
         elif self.layout == "zero3":
+            if self.bit16:
+                _zero3_copy_masters(p for _, p in self.trainable)
             _zero3_publish(self.optimizer, torch.device(self.engine.device))
 
     def zero_grad(self) -> None:
