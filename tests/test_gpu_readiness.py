@@ -300,3 +300,30 @@ def test_host_sync_count_does_not_grow_with_views_or_chunks_outside_the_core():
     assert many["total"] > few["total"] > 0   # the counter sees the core's per-view/per-chunk calls
     for where in ("comm", "train", "shards"):
         assert few.get(where, 0) == many.get(where, 0), (where, few, many)
+
+
+# --- launch/slurm/node.sh: the DeepSpeed runner uses the GPUs SLURM allocated -----------------
+
+def test_node_sh_passes_slurms_gpus_to_the_deepspeed_runner(tmp_path):
+    from deepspeed.launcher.runner import fetch_hostfile, parse_args, parse_inclusion_exclusion
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\nif [ \"$2\" = hostnames ]; then printf 'n1\\nn2\\n'; "
+                                      "else echo 'NodeName=n1 NodeAddr=10.0.0.1 State=IDLE'; fi\n")
+    (bin_dir / "fakepython").write_text(f"#!/bin/bash\nprintf '%s\\n' \"$@\" > {tmp_path}/argv\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "BACKEND": "deepspeed", "DS_LAUNCHER": "deepspeed",
+           "FSAM_REPO": str(REPO), "PYTHON": str(bin_dir / "fakepython"), "OUTPUT_DIR": str(tmp_path),
+           "MASTER_ADDR": "10.0.0.1", "RDZV_PORT": "29500", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "0",
+           "SLURMD_NODENAME": "n1", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-2]",
+           "SLURM_GPUS_ON_NODE": "2", "CUDA_VISIBLE_DEVICES": "2,3", "SLURM_CPUS_ON_NODE": "8"}
+    subprocess.run(["bash", str(REPO / "launch" / "slurm" / "node.sh"), "cfg.yaml"], env=env, check=True,
+                   capture_output=True, timeout=60)
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv[:2] == ["-m", "deepspeed.launcher.runner"]
+    args = parse_args(argv[2:])
+    assert args.num_gpus < 0 and args.num_nodes < 0, "--num_gpus would mean devices 0..N-1"
+    resources = parse_inclusion_exclusion(fetch_hostfile(args.hostfile), args.include, args.exclude)
+    assert dict(resources) == {"n1": [2, 3], "n2": [2, 3]}
