@@ -147,6 +147,8 @@ class FaultPlan:
         puts that step's faults in place (``micro_batches`` per pass locates pass 1 and pass 2)."""
         m = micro_batches
         self.start_step(0)
+        if not any(f.at != "checkpoint" for f in self.faults):
+            return loss_fn   # nothing fires in the steps on this rank: no wrapper
 
         def wrapped(model, batch):
             # DeepSpeed's engine.eval() only switches engine.module; DDP/FSDP1 wrap .module too
@@ -158,7 +160,7 @@ class FaultPlan:
             else:   # the empirical Fisher runs in eval mode
                 places = {"fisher"} if self.calls["fisher"] == 0 else set()
                 self.calls["fisher"] += 1
-            fault = self._find(self.step, places)
+            fault = self._find(self.step, places) if places else None
             if fault is None:
                 return loss_fn(model, batch)
             if fault.action == "kill":
