@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m bench.select
+
+## On a machine with a GPU: one prepared check (≤ 8 min), report in bench/gpu-check/gpu_check.md.
+gpu-check: $(STAMP)
+	OMP_NUM_THREADS=4 $(PY) -m bench.gpu_check --out bench/gpu-check
 
 clean:
 	rm -rf $(VENV) .demo

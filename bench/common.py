@@ -27,6 +27,12 @@ def random_batch(*, vocab: int, micro: int, seed: int) -> dict:
             "labels": torch.randint(2, vocab, (micro, 16), generator=g)}
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work (a no-op on the CPU): timings around CUDA work need it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

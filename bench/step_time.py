@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .common import random_batch, set_rank_env, spawn_ranks, t5_model
+from .common import random_batch, set_rank_env, spawn_ranks, synchronize, t5_model
 
 BACKENDS = ["ddp", "zero0", "zero1", "zero2", "zero3", "fsdp1", "fsdp2"]
 MODES = [("adamw", None), ("sam", dict(rho=0.05, keep_ratio=1.0)), ("fsam", dict(rho=0.05, keep_ratio=0.1))]
@@ -63,10 +63,12 @@ class _Timer:
 
         def timed(fn, key):
             def wrapper(*a, **k):
+                synchronize()
                 start = time.perf_counter()
                 try:
                     return fn(*a, **k)
                 finally:
+                    synchronize()
                     self.seconds[key] += time.perf_counter() - start
             return wrapper
 
@@ -106,9 +108,11 @@ def _worker(rank: int, world: int, port: int, name: str, args, queue) -> None:
                 for key in timer.seconds:
                     timer.seconds[key] = 0.0
             dist.barrier()
+            synchronize()
             start = time.perf_counter()
             train_step(backend, seq2seq_loss_sum, [_batch(args, step, rank)], step=step,
                        count_targets=count_target_tokens, fsam=fsam)
+            synchronize()   # CUDA runs asynchronously: time the work, not its launch
             if step >= args.warmup:
                 times.append(time.perf_counter() - start)
         out[mode] = {"median": statistics.median(times), **{k: v / args.steps for k, v in timer.seconds.items()}}

@@ -255,8 +255,9 @@ class TrainConfig(_Section):
     grad_accum_steps: int = Field(1, ge=1)
     """Micro-batches per rank per optimizer step (inside both FSAM passes)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """fp32; bf16 (CPU and GPU; every backend except DeepSpeed ZeRO-0); fp16 (DeepSpeed on a GPU
-    only, with its loss scaler)."""
+    """fp32, or bf16 (autocast on one process/DDP, bf16 weights with fp32 masters and fp32 gradient
+    accumulation on DeepSpeed ZeRO-1/2/3, FSDP mixed precision; not at ZeRO-0). fp16 is refused:
+    FSAM with DeepSpeed's fp16 loss scaler has not been verified on a GPU."""
     output_dir: str = "runs/default"
     """Where metrics.jsonl, checkpoints/step-N/ and final/ are written."""
     log_every: int = Field(10, ge=1)

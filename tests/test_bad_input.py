@@ -155,7 +155,26 @@ CASES = [
      {**TWO_RANKS, **FSDP1_ENV, "FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"}, "hybrid sharding"),
     ("fsdp-activation-checkpointing", [_set("backend.name", "fsdp")],
      {**TWO_RANKS, **FSDP1_ENV, "FSDP_ACTIVATION_CHECKPOINTING": "true"}, "fsdp_activation_checkpointing"),
-    ("fp16-on-cpu", [_set("train.precision", "fp16")], {}, "train.precision: fp16"),
+    ("fp16-on-cpu", [_set("train.precision", "fp16")], {}, "train.precision: fp16 is not supported"),
+    ("fp16-with-deepspeed", [DS, _set("backend.deepspeed_config", "configs/deepspeed/zero2.json"),
+                             _set("train.precision", "fp16")], TWO_RANKS, "train.precision: fp16 is not supported"),
+    ("deepspeed-json-fp16", [DS, _set("backend.deepspeed_config", _ds_json({"fp16": {"enabled": True}}))],
+     TWO_RANKS, "fp16.enabled is set, but fp16 is not supported"),
+    ("deepspeed-json-offload-optimizer", [DS, _set("backend.deepspeed_config", _ds_json(
+        {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))], TWO_RANKS,
+     "zero_optimization.offload_optimizer is not supported"),
+    ("deepspeed-json-offload-param", [DS, _set("backend.deepspeed_config", _ds_json(
+        {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}))], TWO_RANKS,
+     "zero_optimization.offload_param is not supported"),
+    ("deepspeed-json-hpz", [DS, _set("backend.deepspeed_config", _ds_json(
+        {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}}))], TWO_RANKS,
+     "zero_optimization.zero_hpz_partition_size is not supported"),
+    ("deepspeed-json-quantized-weights", [DS, _set("backend.deepspeed_config", _ds_json(
+        {"zero_optimization": {"stage": 3, "zero_quantized_weights": True}}))], TWO_RANKS,
+     "zero_optimization.zero_quantized_weights is not supported"),
+    ("deepspeed-json-quantized-gradients", [DS, _set("backend.deepspeed_config", _ds_json(
+        {"zero_optimization": {"stage": 3, "zero_quantized_gradients": True}}))], TWO_RANKS,
+     "zero_optimization.zero_quantized_gradients is not supported"),
     ("resume-not-a-checkpoint", [_set("train.resume", _file("ckpt", "x"))], {}, "train.resume"),
     # a relative path that does not exist yet (the shipped example's runs/t5-small) is not a hub id
     ("model-path-not-made-yet", [_set("model.name_or_path", "runs/no-such-model-yet")], {},

@@ -543,10 +543,15 @@ def test_fault_hook_is_inert_when_unset(monkeypatch):
     monkeypatch.delenv(faults.ENV, raising=False)
     assert faults.from_env(0) is None
     monkeypatch.setenv(faults.ENV, "rank=1,step=2,at=pass1,action=nan")
-    plan = faults.from_env(0)
     loss = object()
-    assert plan.loss_fn(loss, 2, 1) is loss        # not this rank
-    assert faults.from_env(1).loss_fn(loss, 3, 1) is loss   # not this step
+    assert faults.from_env(0).wrap(loss, 1) is loss        # not this rank: the loss function itself
+    plan = faults.from_env(1)
+    wrapped = plan.wrap(lambda model, batch: torch.tensor(2.0), 1)
+    training = torch.nn.Linear(1, 1).train()
+    plan.start_step(3)                                       # not this step: the plain loss
+    assert [float(wrapped(training, {})) for _ in range(2)] == [2.0, 2.0]
+    plan.start_step(2)                                       # this step, pass 1: NaN
+    assert torch.isnan(wrapped(training, {}))
 
 
 # --------------------------------------------------------------------------------------------------

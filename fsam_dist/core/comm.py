@@ -49,8 +49,7 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tenso
         return tensor
     reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
     pg = group
-    backend = dist.get_backend(pg)
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    device = _comm_device(pg)
     if tensor.device == device:
         dist.all_reduce(tensor, op=reduce_op, group=pg)
         return tensor
@@ -60,16 +59,29 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tenso
     return tensor
 
 
+def _comm_device(group) -> torch.device:
+    """The device ``group``'s backend reduces on: the current GPU under NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def global_sums(partials: list[torch.Tensor] | torch.Tensor, group=None) -> torch.Tensor:
     """Sum each local partial over ``group`` in fp64 with one all-reduce; returns a 1-D fp64 tensor.
 
     This is the single reduction helper of the package: norms, counts and non-finite flags all
     come through here. Each entry of the model must appear in exactly one rank's partials (the
     shard adapters guarantee it), so the sum counts each once.
+
+    No host synchronisation: the partials are stacked on the device the group reduces on (the
+    first partial's device when nothing is communicated), and the result stays there; the caller's
+    one ``.tolist()`` is the step's only wait for it.
     """
-    if isinstance(partials, torch.Tensor):
-        local = partials.detach().to(torch.float64).reshape(-1).cpu()
+    pieces = [partials] if isinstance(partials, torch.Tensor) else partials
+    if communicates(group):
+        device = _comm_device(group)
     else:
-        local = torch.stack([p.detach().to(torch.float64).reshape(()).cpu() for p in partials]) if partials \
-            else torch.zeros(0, dtype=torch.float64)
+        device = pieces[0].device if len(pieces) else torch.device("cpu")
+    local = torch.cat([p.detach().reshape(-1).to(device=device, dtype=torch.float64) for p in pieces]) \
+        if len(pieces) else torch.zeros(0, dtype=torch.float64, device=device)
     return all_reduce(local, "sum", group)

@@ -10,10 +10,12 @@ Where the local shard lives after a backward at the accumulation boundary:
   the replicated (bit16 or fp32) weights the forward reads; the core restores the master exactly
   and the same call publishes the restored weights.
 * ZeRO-3: each parameter is split into equal, padded partitions (``p.ds_tensor``, the weights the
-  forward gathers); the local gradient partition comes from ``safe_get_local_grad``. The
-  perturbation goes into ``p.ds_tensor`` in place; then every gathered copy is released (the next
-  forward re-gathers it) and the persistent parameters re-gathered, as ``step()`` leaves them.
-  ``step()`` rewrites ``p.ds_tensor`` from the fp32 master.
+  forward gathers); the local gradient partition comes from ``safe_get_local_grad``. In fp32 the
+  perturbation goes into ``p.ds_tensor`` in place; in bf16 into the fp32 master
+  (``safe_get_local_fp32_param``, a view), copied into ``p.ds_tensor`` by ``publish`` (so e is
+  rounded once, from w + e in fp32, and the restore is exact). Then every gathered copy is
+  released (the next forward re-gathers it) and the persistent parameters re-gathered, as
+  ``step()`` leaves them. ``step()`` rewrites ``p.ds_tensor`` from the fp32 master.
 
 The global position of a fragment is the start of its parameter in the model-wide flattened order
 (trainable parameters in ``named_parameters()`` order) plus its offset in the parameter, exactly
@@ -90,18 +92,37 @@ def _zero12_clear_grads(optimizer) -> None:
 
 
 def _zero3_local(p: torch.nn.Parameter, rank: int):
-    """(offset in p, local weight partition, local fp32 gradient), padding dropped."""
-    from deepspeed.utils import safe_get_local_grad
+    """(offset in p, local weight partition, local fp32 gradient, the padded gradient partition
+    to write back with ``safe_set_local_grad``), padding dropped."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
 
     size = p.ds_tensor.ds_numel
     start = rank * size
     n = max(0, min(size, p.ds_numel - start))
-    grad = safe_get_local_grad(p)
-    return start, p.ds_tensor.view(-1)[:n], grad.view(-1)[:n]
+    grad = safe_get_local_grad(p)   # a copy where DeepSpeed keeps it in another dtype
+    weights = p.ds_tensor.view(-1)
+    if weights.dtype != torch.float32:   # bf16: perturb the fp32 master (a view); publish rounds it
+        weights = safe_get_local_fp32_param(p).view(-1)
+    return start, weights[:n], grad.view(-1)[:n], grad
 
 
-def _zero3_publish(optimizer) -> None:
-    """Make an in-place change to the ZeRO-3 partitions visible to the next forward."""
+def _zero3_copy_masters(params) -> None:
+    """bf16 partitions ← their fp32 masters (what ``step()`` does after the update): after the
+    restore the master holds the exact original, whose bf16 rounding is the original partition."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    with torch.no_grad():
+        for p in params:
+            p.ds_tensor.view(-1).copy_(safe_get_local_fp32_param(p).view(-1))
+
+
+def _zero3_publish(optimizer, device: torch.device) -> None:
+    """Make an in-place change to the ZeRO-3 partitions visible to the next forward.
+
+    On a GPU the change was written on the current stream while DeepSpeed all-gathers the
+    partitions on its own stream without waiting for it: finish the current stream first."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
     optimizer.parameter_offload.partition_all_parameters()
     persistent = optimizer.persistent_parameters
     if persistent:
@@ -177,12 +198,17 @@ class DeepSpeedBackend(Backend):
         self.group = REPLICATED if self.layout == "replicated" else dp_group
         # DeepSpeed averages gradients over the data-parallel ranks.
         self.loss_multiplier = float(dist.get_world_size(dp_group))
+        # ZeRO-3: the gradient partitions handed out by the last views() (possibly copies), written
+        # back before the step so an in-place change (LookSAM's g + α g_v) reaches the optimizer.
+        self._zero3_grads: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self.bit16 = bool(ds_config.get("bf16", {}).get("enabled", False))
 
     @property
     def model(self) -> torch.nn.Module:
         return self.engine
 
     def forward_backward(self, loss_fn: LossFn, micro_batch: dict, scale: float, last: bool) -> torch.Tensor:
+        self._zero3_grads = []   # stale once this backward adds to the gradients
         self.engine.set_gradient_accumulation_boundary(last)
         loss_sum = loss_fn(self.engine, micro_batch)
         self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
@@ -190,13 +216,15 @@ class DeepSpeedBackend(Backend):
 
     def views(self) -> list[ShardView]:
         views = []
+        self._zero3_grads = []
         for name, p in self.trainable:
             if self.layout == "replicated":
                 if p.grad is None:   # unused in this batch: its gradient is zero
                     p.grad = torch.zeros_like(p)
                 piece = (0, p.detach().view(-1), p.grad.view(-1))
             elif self.layout == "zero3":
-                piece = _zero3_local(p, self.dp_rank)
+                *piece, padded = _zero3_local(p, self.dp_rank)
+                self._zero3_grads.append((p, padded))
             else:
                 piece = _zero12_fragment(p)
             if piece is not None and piece[1].numel():
@@ -208,9 +236,12 @@ class DeepSpeedBackend(Backend):
         if self.layout == "fragments":
             self.optimizer.update_lp_params()   # fp32 master → replicated weights (all-gather)
         elif self.layout == "zero3":
-            _zero3_publish(self.optimizer)
+            if self.bit16:
+                _zero3_copy_masters(p for _, p in self.trainable)
+            _zero3_publish(self.optimizer, torch.device(self.engine.device))
 
     def zero_grad(self) -> None:
+        self._zero3_grads = []
         if self.layout == "fragments":
             _zero12_clear_grads(self.optimizer)
         else:
@@ -224,6 +255,11 @@ class DeepSpeedBackend(Backend):
             raise ValueError(f"DeepSpeedBackend: the DeepSpeed config's gradient_clipping ({clipping}; DeepSpeed's "
                              f"default is 1.0) differs from clip_grad_norm ({max_norm}): DeepSpeed clips inside "
                              "engine.step(), so set them equal (0.0 = off)")
+        if self.layout == "zero3" and self._zero3_grads:
+            from deepspeed.utils import safe_set_local_grad
+
+            for p, grad in self._zero3_grads:
+                safe_set_local_grad(p, grad)
         norm = grad_norm(self.views(), self.group)
         self.engine.step()   # clips, steps the optimizer, then the scheduler; clears the gradients
         return norm
@@ -248,7 +284,7 @@ class DeepSpeedBackend(Backend):
         return None if self.layout == "zero3" else self.module
 
     def full_state_dict(self) -> dict | None:
-        """The consolidated ``state_dict`` of the module on rank 0, None elsewhere (collective).
+        """The consolidated ``state_dict`` of the module on rank 0 (CPU tensors), None elsewhere (collective).
 
         Trainable parameters come from the fp32 masters (``safe_get_full_fp32_param``, one
         collective per parameter, except ZeRO-0 in fp32); frozen parameters and buffers as the
@@ -260,12 +296,13 @@ class DeepSpeedBackend(Backend):
         full = {}
         for _, p in self.trainable:
             value = p.detach() if self.layout == "replicated" else safe_get_full_fp32_param(p)
-            if self.rank == 0:
-                full[id(p)] = value.detach().reshape(getattr(p, "ds_shape", p.shape)).float().clone()
+            if self.rank == 0:   # on the CPU: the whole model never sits on rank 0's GPU
+                full[id(p)] = value.detach().reshape(getattr(p, "ds_shape", p.shape)).to("cpu", torch.float32,
+                                                                                       copy=True)
         frozen = [p for p in self.module.parameters() if not p.requires_grad]
         gather = deepspeed.zero.GatheredParameters(frozen) if self.stage == 3 and frozen else contextlib.nullcontext()
         with gather:
             if self.rank != 0:
                 return None
             state = self.module.state_dict(keep_vars=True)
-            return {k: full[id(v)] if id(v) in full else v.detach().clone() for k, v in state.items()}
+            return {k: full[id(v)] if id(v) in full else v.detach().to("cpu", copy=True) for k, v in state.items()}

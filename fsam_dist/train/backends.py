@@ -19,6 +19,23 @@ import torch
 from ..config import Config, ConfigError
 from .distributed import DistEnv
 
+FP16_REASON = ("FSAM's two passes would have to drive DeepSpeed's fp16 loss scaler (overflow decided on every "
+               "rank in both passes, the scale backed off on a skipped step), which cannot be verified without a GPU")
+UNSUPPORTED_ZERO = {
+    "offload_optimizer": "ZeRO-Offload keeps the fp32 masters and their gradients in CPU/NVMe buffers the FSAM "
+                         "adapter does not read",
+    "offload_param": "ZeRO-Infinity parameter offload keeps the partitions in CPU/NVMe buffers the FSAM adapter "
+                     "does not perturb",
+    "zero_hpz_partition_size": "ZeRO++ hpZ gathers pass 2's weights from a secondary copy taken before the "
+                               "perturbation, so FSAM would silently become the base optimizer",
+    "zero_quantized_weights": "ZeRO++ quantized weights all-gather a quantized copy that the in-place "
+                              "perturbation of the partition does not reach reliably (untested)",
+    "zero_quantized_nontrainable_weights": "ZeRO++ quantized weights (untested with FSAM)",
+    "zero_quantized_gradients": "ZeRO++ quantized gradients change the gradient FSAM's mask and norm are "
+                                "computed from (untested)",
+}
+"""ZeRO options preflight refuses: key → why (each is 'off' at its DeepSpeed default)."""
+
 NO_DECAY = (r"(^|\.)bias$", r"(?i)layer_?norm")
 """Parameters without weight decay (as in Hugging Face's Trainer)."""
 
@@ -55,8 +72,8 @@ def preflight(cfg: Config, env: DistEnv, name: str) -> dict | None:
                           "(e.g. configs/deepspeed/zero2.json)")
     if name != "deepspeed" and cfg.backend.deepspeed_config and cfg.backend.name != "auto":
         raise ConfigError(f"backend.deepspeed_config is set but backend.name is {name!r}; remove one")
-    if cfg.train.precision == "fp16" and (name != "deepspeed" or not torch.cuda.is_available()):
-        raise ConfigError("train.precision: fp16 needs DeepSpeed on a GPU (its loss scaler); use bf16 or fp32")
+    if cfg.train.precision == "fp16":
+        raise ConfigError(f"train.precision: fp16 is not supported: {FP16_REASON}; use bf16 (or fp32)")
     if name == "deepspeed":
         return deepspeed_config(cfg, env.world_size)
     if name == "fsdp":
@@ -101,6 +118,13 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
             raise ConfigError(f"{path}: {key} = {ds[key]} disagrees with {source} = {value}; "
                               f"remove {key} from the JSON (or set it to \"auto\")")
         ds[key] = value
+    if ds.get("fp16", {}).get("enabled", False) not in (False, "auto"):
+        raise ConfigError(f"{path}: fp16.enabled is set, but fp16 is not supported: {FP16_REASON}; remove the "
+                          "fp16 section (or set enabled to \"auto\") and use train.precision: bf16")
+    zero = ds.get("zero_optimization", {})
+    for key, why in UNSUPPORTED_ZERO.items():
+        if _zero_option_on(zero.get(key)):
+            raise ConfigError(f"{path}: zero_optimization.{key} is not supported: {why}; remove it from the JSON")
     for precision in ("bf16", "fp16"):
         section = ds.get(precision, {})
         enabled = section.get("enabled", False)
@@ -114,8 +138,24 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     if stage == 0 and t.precision != "fp32":
         raise ConfigError(f"{path}: ZeRO stage 0 with {t.precision} is not supported; use stage 1-3 or fp32")
+    if t.precision == "bf16":
+        # DeepSpeed's default accumulates bf16 gradients in bf16; the tested path (and the one whose
+        # gradient FSAM's norm and mask should see) accumulates in fp32.
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     ds.setdefault("steps_per_print", 10 ** 9)   # our progress bar replaces DeepSpeed's step log
     return ds
+
+
+def _zero_option_on(value) -> bool:
+    """Whether a zero_optimization entry turns its feature on (offload: a device other than none;
+    hpZ: a partition size above 1; the quantization switches: true)."""
+    if isinstance(value, dict):
+        return str(value.get("device", "none")).lower() not in ("none", "")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return value > 1
+    return value not in (None, "none", "")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -159,13 +159,14 @@ def save(output_dir: str | Path, step: int, backend, fsam, trainer_state: dict, 
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    distributed.barrier()
+    distributed.host_barrier()
     backend.save_state(tmp / "backend")
-    rank_state = {"fsam": fsam.state_dict() if fsam is not None else None, "rng": _rng_state()}
+    # On the CPU: a rank file loads on any machine, and never onto another rank's GPU.
+    rank_state = {"fsam": _moved(fsam.state_dict()) if fsam is not None else None, "rng": _rng_state()}
     torch.save(rank_state, tmp / f"rank-{rank}.pt")
     if hook is not None:
         hook(step, "written", tmp)
-    distributed.barrier()
+    distributed.host_barrier()
     if rank == 0:
         (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1))
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2, default=str))
@@ -183,8 +184,25 @@ def save(output_dir: str | Path, step: int, backend, fsam, trainer_state: dict, 
             os.rename(tmp, final)
             _fsync_dir(root)
             _rotate(output_dir, final, keep_last_n)
-    distributed.barrier()
+    distributed.host_barrier()   # rank 0 hashed every file above: a wait on the host, not on NCCL
     return final
+
+
+def _moved(state, device: torch.device | str = "cpu"):
+    """``state`` (nested dicts, lists, tuples) with every tensor moved to ``device``."""
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    if isinstance(state, dict):
+        return {k: _moved(v, device) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_moved(v, device) for v in state)
+    return state
+
+
+def _state_device(backend) -> torch.device:
+    """Where this rank's shards live (the FSAM state's tensors go there)."""
+    first = next(iter(backend.model.parameters()), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def _rotate(output_dir: str | Path, newest: Path, keep_last_n: int) -> None:
@@ -221,9 +239,11 @@ def load(path: Path, backend, fsam, rank: int, world_size: int, backend_name: st
     check_unpickling(path)
     backend.load_state(path / "backend")
     rank_file = path / f"rank-{rank if not replicated else 0}.pt"
-    rank_state = torch.load(rank_file, weights_only=True)
+    # map_location: the file was written on the CPU; never let a saved device decide (every rank
+    # would load onto cuda:0). The FSAM state then goes to this rank's device.
+    rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
     if fsam is not None and rank_state["fsam"] is not None:
-        fsam.load_state_dict(rank_state["fsam"])
+        fsam.load_state_dict(_moved(rank_state["fsam"], _state_device(backend)))
     if saved_world == world_size:
         _set_rng_state(rank_state["rng"])
     return trainer_state

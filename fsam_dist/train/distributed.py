@@ -12,9 +12,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+HOST_BARRIER_TIMEOUT = datetime.timedelta(hours=2)
+"""How long :func:`host_barrier` waits (rank 0 hashing a large checkpoint while the others wait)."""
+_host_group = None
+"""A gloo group over all ranks when the default group is NCCL (see :func:`host_barrier`)."""
+
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-MPI_LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PALS_LOCAL_RANKID")
+MPI_LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK",
+                       "PALS_LOCAL_RANKID", "SLURM_LOCALID")
+"""Local rank under Open MPI, MVAPICH2, MPICH/Hydra, PMI, Cray PALS, and srun (``--mpi=pmi2/pmix``
+sets PMI_RANK/PMIX_RANK but no local rank of its own). SLURM_LOCALID comes last: under ``mpirun``
+inside an sbatch script it is the batch step's 0 on every rank."""
 
 
 @dataclass
@@ -49,22 +58,36 @@ def detect_env() -> DistEnv:
 
 
 def device_for(env: DistEnv) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """This process's device: ``cuda:<local rank>`` (made current) when CUDA is available, else the
+    CPU. A local rank beyond the visible GPUs is an error, never a modulo: two ranks on one GPU
+    fail later in NCCL ("Duplicate GPU detected") or silently share it."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if env.local_rank >= count:
+        raise RuntimeError(f"local rank {env.local_rank} but only {count} GPU(s) visible on this node "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at "
+                           f"most {count} processes per node, or check the launcher's local-rank variable "
+                           f"({', '.join(('LOCAL_RANK',) + MPI_LOCAL_RANK_VARS)})")
+    torch.cuda.set_device(env.local_rank)
+    return torch.device("cuda", env.local_rank)
 
 
-def init(env: DistEnv, dist_backend: str, timeout_minutes: float, use_deepspeed: bool) -> None:
-    """Start the default process group (no-op for a single plain process)."""
+def init(env: DistEnv, dist_backend: str, timeout_minutes: float, use_deepspeed: bool) -> torch.device:
+    """Pick this process's device (:func:`device_for`), then start the default process group bound
+    to it (no process group for a single plain process). Returns the device."""
+    device = device_for(env)
     if not env.distributed or dist.is_initialized():
-        return
+        return device
     backend = dist_backend if dist_backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
     if env.launcher == "mpi":
         # MPI launchers set ranks but no rendezvous: rank 0's address is broadcast over MPI.
         _mpi_rendezvous(env)
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
     timeout = datetime.timedelta(minutes=timeout_minutes)
+    # device_id binds the group to this GPU (NCCL then never guesses one from the rank).
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                            device_id=device if device.type == "cuda" else None)
     if use_deepspeed:
         import deepspeed
 
@@ -75,9 +98,12 @@ def init(env: DistEnv, dist_backend: str, timeout_minutes: float, use_deepspeed:
 
         os.environ.setdefault("RANK", str(env.rank))
         os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+        # DeepSpeed adopts the process group started above.
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False)
-    else:
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    if backend == "nccl":
+        global _host_group
+        _host_group = dist.new_group(backend="gloo", timeout=HOST_BARRIER_TIMEOUT)
+    return device
 
 
 def _mpi_rendezvous(env: DistEnv) -> None:
@@ -182,6 +208,22 @@ def barrier() -> None:
         dist.barrier()
 
 
+def host_barrier() -> None:
+    """A barrier for waits on host work (rank 0 hashing and verifying a checkpoint): a gloo
+    ``monitored_barrier`` with :data:`HOST_BARRIER_TIMEOUT`, never an NCCL collective, so the NCCL
+    watchdog (backend.timeout_minutes) does not kill the waiting ranks; a rank that never arrives
+    is named in the error."""
+    if not dist.is_initialized():
+        return
+    group = _host_group
+    if group is None and dist.get_backend() != "gloo":
+        dist.barrier()   # another backend without a gloo side group (not one we start)
+        return
+    dist.monitored_barrier(group=group, timeout=HOST_BARRIER_TIMEOUT, wait_all_ranks=True)
+
+
 def shutdown() -> None:
+    global _host_group
+    _host_group = None
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -36,14 +36,34 @@ def generation_module(backend, model: torch.nn.Module) -> torch.nn.Module:
     module = backend.full_weights_module()
     if module is not None:
         return module
-    state = backend.full_state_dict()
-    if dist.is_initialized():
-        box = [state]
-        dist.broadcast_object_list(box, src=0)
-        state = box[0]
+    state = backend.full_state_dict()   # CPU tensors on rank 0, None elsewhere
     config = getattr(model, "config", None) or backend.model.config
     device = next(model.parameters()).device
-    return model_from_state_dict(config, state).to(device)
+    if state is not None:
+        module = model_from_state_dict(config, state)
+    else:
+        from transformers import AutoModelForSeq2SeqLM
+
+        module = AutoModelForSeq2SeqLM.from_config(config)
+    broadcast_module(module)
+    return module.to(device)
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers into ``module`` on every rank, one tensor per broadcast
+    (every rank holds the same architecture, so the tensors come in the same order). Never one
+    pickled object: that would hold the whole model in one byte tensor, and unpickle CUDA tensors
+    onto rank 0's GPU on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
+        torch.device("cpu")
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            moved = tensor.to(device)
+            dist.broadcast(moved, src=0)
+            if moved is not tensor:
+                tensor.copy_(moved)
 
 
 def evaluate(backend, model, tokenizer, examples: list[dict], cfg, step: int, output_dir: Path,

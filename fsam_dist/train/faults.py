@@ -35,7 +35,8 @@ Before a kill, one line ``fsam-fault: SIGKILL rank R step N at AT t=<unix time>`
 (the tests measure how long the launcher takes to bring the job down from it).
 
 The training loop asks :func:`from_env` once; when the variable is unset it gets None and uses
-the plain loss function and checkpoint save (no wrapper, no per-step cost).
+the plain loss function and checkpoint save (no wrapper, no per-step cost). Otherwise it wraps the
+loss function once (:meth:`FaultPlan.wrap`) and announces each step (:meth:`FaultPlan.start_step`).
 """
 
 from __future__ import annotations
@@ -136,28 +137,34 @@ class FaultPlan:
     def _find(self, step: int, places: set[str]) -> Fault | None:
         return next((f for f in self.faults if f.step == step and f.at in places), None)
 
-    def loss_fn(self, loss_fn: Callable, step: int, micro_batches: int) -> Callable:
-        """``loss_fn`` for optimizer step ``step`` (1-based), wrapped with the step's faults."""
-        if not any(f.step == step and f.at != "checkpoint" for f in self.faults):
-            return loss_fn
-        calls = {"train": 0, "fisher": 0}
+    def start_step(self, step: int) -> None:
+        """Optimizer step ``step`` (1-based) begins: the wrapped loss function counts its calls anew."""
+        self.step = step
+        self.calls = {"train": 0, "fisher": 0}
+
+    def wrap(self, loss_fn: Callable, micro_batches: int) -> Callable:
+        """``loss_fn`` wrapped once for the whole run: at the step :meth:`start_step` announced it
+        puts that step's faults in place (``micro_batches`` per pass locates pass 1 and pass 2)."""
         m = micro_batches
+        self.start_step(0)
+        if not any(f.at != "checkpoint" for f in self.faults):
+            return loss_fn   # nothing fires in the steps on this rank: no wrapper
 
         def wrapped(model, batch):
             # DeepSpeed's engine.eval() only switches engine.module; DDP/FSDP1 wrap .module too
             if getattr(model, "module", model).training:
-                i = calls["train"]
-                calls["train"] += 1
+                i = self.calls["train"]
+                self.calls["train"] += 1
                 places = {p for p, hit in (("pass1", i == m - 1), ("between_passes", i == m),
                                            ("pass2", i == 2 * m - 1)) if hit}
             else:   # the empirical Fisher runs in eval mode
-                places = {"fisher"} if calls["fisher"] == 0 else set()
-                calls["fisher"] += 1
-            fault = self._find(step, places)
+                places = {"fisher"} if self.calls["fisher"] == 0 else set()
+                self.calls["fisher"] += 1
+            fault = self._find(self.step, places) if places else None
             if fault is None:
                 return loss_fn(model, batch)
             if fault.action == "kill":
-                _kill(self.rank, step, fault.at)
+                _kill(self.rank, self.step, fault.at)
             loss = loss_fn(model, batch)
             if fault.target == "grad" or fault.at == "fisher":   # the Fisher scores are gradients
                 return _PoisonGrad.apply(loss, fault.value)

@@ -10,7 +10,9 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -30,7 +32,23 @@ class TooManySkippedSteps(RuntimeError):
     """Training stopped: every step of a long stretch was non-finite."""
 
 
-def prepare(cfg: Config):
+@dataclass
+class Prepared:
+    """What :func:`prepare` read and checked, before any process group starts."""
+
+    env: distributed.DistEnv
+    backend_name: str
+    ds_config: dict | None
+    model: torch.nn.Module
+    tokenizer: Any
+    features: list[dict]
+    report: Any
+    global_batch: int
+    resume_from: Path | None
+    eval_examples: list[dict]
+
+
+def prepare(cfg: Config) -> Prepared:
     """Everything that can fail on bad input, before any process group starts."""
     from ..seq2seq.data import load_examples, tokenize_examples
     from ..seq2seq.model import load_model_and_tokenizer
@@ -62,119 +80,167 @@ def prepare(cfg: Config):
         raise ConfigError(f"data.train_file: {len(features)} usable example(s) for {env.world_size} processes; "
                           "give it more data or start fewer processes")
     resume_from = _resume_path(cfg, Path(cfg.train.output_dir), env.world_size)
-    return env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from, eval_examples
+    return Prepared(env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from,
+                    eval_examples)
 
 
 def run(cfg: Config) -> Path:
     """Train; returns the final model directory. Every rank calls it."""
-    output_dir = Path(cfg.train.output_dir)
-    env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from, eval_examples = prepare(cfg)
-    is_main = env.rank == 0
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                        format=f"[rank {env.rank}] %(message)s")
-    distributed.init(env, cfg.backend.dist_backend, cfg.backend.timeout_minutes, use_deepspeed=name == "deepspeed")
+    prep = prepare(cfg)
+    logging.basicConfig(level=logging.INFO if prep.env.rank == 0 else logging.WARNING,
+                        format=f"[rank {prep.env.rank}] %(message)s")
+    device = distributed.init(prep.env, cfg.backend.dist_backend, cfg.backend.timeout_minutes,
+                              use_deepspeed=prep.backend_name == "deepspeed")
     try:
-        return _train(cfg, env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from,
-                      eval_examples, output_dir, is_main)
+        return _train(Run.start(cfg, prep, device))
     finally:
         distributed.shutdown()
 
 
-def _train(cfg, env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from, eval_examples,
-           output_dir, is_main) -> Path:
-    from ..seq2seq.data import collate
+@dataclass
+class Run:
+    """A started run: the prepared inputs and what exists once the process group does."""
 
-    torch.manual_seed(cfg.train.seed)
-    device = distributed.device_for(env)
-    model.to(device)
-    model.train()
-    backend = build_backend(name, cfg, env, model, device, ds_config)
-    fsam = cfg.fsam.build()
-    batches = GlobalBatches(len(features), global_batch, cfg.data.shuffle, cfg.train.seed)
-    pad_id = tokenizer.pad_token_id
+    cfg: Config
+    prep: Prepared
+    device: torch.device
+    backend: Any
+    fsam: Any
+    batches: GlobalBatches
+    loss_fn: Callable
+    faults: faults.FaultPlan | None
+    metrics: MetricsLogger | None = None
+    start_step: int = 0
 
-    _agree_on_checkpoint(resume_from)
-    start_step = 0
-    if resume_from is not None:
-        state = checkpoint.load(resume_from, backend, fsam, env.rank, env.world_size, name)
-        start_step = state["step"]
-        log.info("resumed from %s at step %d", resume_from, start_step)
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        truncate_after(output_dir / "metrics.jsonl", start_step)
-        (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-        (output_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-        log.info("%s; backend %s, %d process(es), global batch %d", report.summary(), name, env.world_size,
-                 global_batch)
+    @property
+    def is_main(self) -> bool:
+        return self.prep.env.rank == 0
 
-    def micro_batches(step: int) -> list[dict]:
-        groups = batches.rank_micro_batches(step, env.rank, env.world_size, cfg.train.grad_accum_steps)
-        return [{k: v.to(device) for k, v in collate([features[i] for i in g], pad_id).items()} for g in groups]
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.train.output_dir)
 
-    def fisher_examples():
-        # The same single examples on every rank (a seeded sample of the training set).
-        g = torch.Generator().manual_seed(cfg.train.seed + 7)
-        picks = torch.randperm(len(features), generator=g)[:cfg.fsam.fisher_samples].tolist()
-        return [{k: v.to(device) for k, v in collate([features[i]], pad_id).items()} for i in picks]
+    @classmethod
+    def start(cls, cfg: Config, prep: Prepared, device: torch.device) -> "Run":
+        torch.manual_seed(cfg.train.seed)
+        if prep.backend_name in ("single", "ddp"):
+            # DeepSpeed and FSDP place (and shard) the module themselves: moving it whole to the
+            # GPU first would put a full copy on every GPU and defeat CPU offload.
+            prep.model.to(device)
+        prep.model.train()
+        backend = build_backend(prep.backend_name, cfg, prep.env, prep.model, device, prep.ds_config)
+        # Fault injection (FSAM_FAULT, tests/ops only): None when unset, then nothing is wrapped.
+        plan = faults.from_env(prep.env.rank, cfg.fsam.fisher)
+        loss_fn = seq2seq_loss_sum if plan is None else plan.wrap(seq2seq_loss_sum, cfg.train.grad_accum_steps)
+        return cls(cfg, prep, device, backend, cfg.fsam.build(),
+                   GlobalBatches(len(prep.features), prep.global_batch, cfg.data.shuffle, cfg.train.seed),
+                   loss_fn, plan)
 
-    metrics = MetricsLogger(output_dir, is_main, cfg.train.tensorboard)
-    # Fault injection (FSAM_FAULT, tests/ops only): None when unset, then nothing is wrapped.
-    fault_plan = faults.from_env(env.rank, cfg.fsam.fisher)
-    save_hook = None if fault_plan is None else fault_plan.checkpoint_hook
+    def micro_batches(self, step: int) -> list[dict]:
+        env = self.prep.env
+        groups = self.batches.rank_micro_batches(step, env.rank, env.world_size, self.cfg.train.grad_accum_steps)
+        return [self._batch(g) for g in groups]
 
-    def run_eval(step: int) -> None:
-        if not eval_examples:
+    def fisher_examples(self) -> list[dict]:
+        """The same single examples on every rank (a seeded sample of the training set)."""
+        g = torch.Generator().manual_seed(self.cfg.train.seed + 7)
+        picks = torch.randperm(len(self.prep.features), generator=g)[:self.cfg.fsam.fisher_samples].tolist()
+        return [self._batch([i]) for i in picks]
+
+    def _batch(self, indices: list[int]) -> dict:
+        from ..seq2seq.data import collate
+
+        batch = collate([self.prep.features[i] for i in indices], self.prep.tokenizer.pad_token_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def step(self, step: int) -> dict:
+        if self.faults is not None:
+            self.faults.start_step(step + 1)
+        return train_step(self.backend, self.loss_fn, self.micro_batches(step), step=step,
+                          count_targets=count_target_tokens, fsam=self.fsam,
+                          clip_grad_norm=self.cfg.optim.clip_grad_norm, same_dropout=self.cfg.fsam.same_dropout,
+                          fisher_examples=self.fisher_examples)
+
+    def resume(self) -> None:
+        _agree_on_checkpoint(self.prep.resume_from)
+        if self.prep.resume_from is not None:
+            state = checkpoint.load(self.prep.resume_from, self.backend, self.fsam, self.prep.env.rank,
+                                    self.prep.env.world_size, self.prep.backend_name)
+            self.start_step = state["step"]
+            log.info("resumed from %s at step %d", self.prep.resume_from, self.start_step)
+
+    def write_run_files(self) -> None:
+        if not self.is_main:
             return
-        scores = evaluate(backend, model, tokenizer, eval_examples, cfg, step, output_dir, is_main)
-        metrics.write({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
-        if is_main:
+        prep, out = self.prep, self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        truncate_after(out / "metrics.jsonl", self.start_step)
+        (out / "config.json").write_text(self.cfg.model_dump_json(indent=2))
+        (out / "data_report.json").write_text(json.dumps(prep.report.to_dict(), indent=2))
+        log.info("%s; backend %s, %d process(es), global batch %d", prep.report.summary(), prep.backend_name,
+                 prep.env.world_size, prep.global_batch)
+
+    def evaluate(self, step: int) -> None:
+        if not self.prep.eval_examples:
+            return
+        scores = evaluate(self.backend, self.prep.model, self.prep.tokenizer, self.prep.eval_examples, self.cfg,
+                          step, self.output_dir, self.is_main)
+        self.metrics.write({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
+        if self.is_main:
             log.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
 
-    if cfg.eval.at_start and start_step == 0:
-        run_eval(0)
-    bar = _progress(is_main, start_step, cfg.train.max_steps, name)
+    def save(self, step: int) -> None:
+        env = self.prep.env
+        state = {"step": step, "world_size": env.world_size, "backend": self.prep.backend_name,
+                 "config": self.cfg.model_dump()}
+        checkpoint.save(self.output_dir, step, self.backend, self.fsam, state, env.rank, self.cfg.train.keep_last_n,
+                        hook=None if self.faults is None else self.faults.checkpoint_hook)
+
+
+def _train(run: Run) -> Path:
+    cfg, t = run.cfg, run.cfg.train
+    run.resume()
+    run.write_run_files()
+    run.metrics = MetricsLogger(run.output_dir, run.is_main, t.tensorboard)
+    if cfg.eval.at_start and run.start_step == 0:
+        run.evaluate(0)
+    bar = _progress(run.is_main, run.start_step, t.max_steps, run.prep.backend_name)
     consecutive_skips = 0
     try:
-        for step in range(start_step, cfg.train.max_steps):
+        for step in range(run.start_step, t.max_steps):
             t0 = time.perf_counter()
-            loss_fn = seq2seq_loss_sum if fault_plan is None else \
-                fault_plan.loss_fn(seq2seq_loss_sum, step + 1, cfg.train.grad_accum_steps)
-            stats = train_step(backend, loss_fn, micro_batches(step), step=step,
-                               count_targets=count_target_tokens, fsam=fsam,
-                               clip_grad_norm=cfg.optim.clip_grad_norm, same_dropout=cfg.fsam.same_dropout,
-                               fisher_examples=fisher_examples)
+            stats = run.step(step)
             elapsed = time.perf_counter() - t0
-            consecutive_skips = consecutive_skips + 1 if stats["skipped"] else 0
-            record = {"step": step + 1, "epoch": round(batches.epoch_of(step + 1), 4), "lr": backend.current_lr(),
-                      **stats, "step_time": elapsed, "target_tokens_per_s": stats["targets"] / elapsed}
-            metrics.write(record)
+            record = {"step": step + 1, "epoch": round(run.batches.epoch_of(step + 1), 4),
+                      "lr": run.backend.current_lr(), **stats, "step_time": elapsed,
+                      "target_tokens_per_s": stats["targets"] / elapsed}
+            run.metrics.write(record)
             if bar is not None:
                 bar.update(1)
-                if (step + 1) % cfg.train.log_every == 0 or step == start_step:
+                if (step + 1) % t.log_every == 0 or step == run.start_step:
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", skipped=stats["skipped"],
                                     tok_s=f"{record['target_tokens_per_s']:.0f}")
-            if consecutive_skips >= cfg.train.max_consecutive_skips:
+            consecutive_skips = consecutive_skips + 1 if stats["skipped"] else 0
+            if consecutive_skips >= t.max_consecutive_skips:
                 raise TooManySkippedSteps(f"{consecutive_skips} consecutive steps had NaN/inf gradients or loss "
                                           f"(last: step {step + 1}); lower optim.lr or check the data "
                                           "(train.max_consecutive_skips)")
-            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.max_steps:
-                run_eval(step + 1)
-            if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.max_steps:
-                checkpoint.save(output_dir, step + 1, backend, fsam, _trainer_state(cfg, env, name, step + 1),
-                                env.rank, cfg.train.keep_last_n, hook=save_hook)
+            done = step + 1
+            if t.eval_every and done % t.eval_every == 0 and done < t.max_steps:
+                run.evaluate(done)
+            if t.save_every and done % t.save_every == 0 and done < t.max_steps:
+                run.save(done)
         if bar is not None:
             bar.close()
             bar = None
-        run_eval(cfg.train.max_steps)
-        if cfg.train.save_every:
-            checkpoint.save(output_dir, cfg.train.max_steps, backend, fsam,
-                            _trainer_state(cfg, env, name, cfg.train.max_steps), env.rank, cfg.train.keep_last_n,
-                            hook=save_hook)
+        run.evaluate(t.max_steps)
+        if t.save_every:
+            run.save(t.max_steps)
     finally:
         if bar is not None:
             bar.close()
-        metrics.close()
-    return save_final(output_dir, backend, model, tokenizer, is_main)
+        run.metrics.close()
+    return save_final(run.output_dir, run.backend, run.prep.model, run.prep.tokenizer, run.is_main)
 
 
 def save_final(output_dir: Path, backend, model, tokenizer, is_main: bool) -> Path:
@@ -248,10 +314,6 @@ def _agree_on_checkpoint(path: Path | None) -> None:
     if -low != high:
         raise RuntimeError(f"ranks chose different checkpoints to resume from (steps {-low} … {high}); "
                            "is train.output_dir on a file system every node shares?")
-
-
-def _trainer_state(cfg: Config, env, name: str, step: int) -> dict:
-    return {"step": step, "world_size": env.world_size, "backend": name, "config": cfg.model_dump()}
 
 
 def _progress(is_main: bool, start: int, total: int, name: str):

@@ -58,9 +58,21 @@ case "$BACKEND" in
             # The deepspeed launcher without ssh: every node runs it with its --node_rank and the
             # same hostfile (one line per node, "host slots=N"), written per job.
             HOSTFILE="$OUTPUT_DIR/hostfile"
-            scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$NPROC/" > "$HOSTFILE.$NODE_RANK"
+            HOSTS="$(scontrol show hostnames "$SLURM_JOB_NODELIST")"
+            if [ "$GPUS" -gt 0 ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+                # The runner's --num_gpus N means devices 0..N-1, not the ones SLURM gave this job:
+                # name them with --include host:ids (every node is assumed to get as many GPUs;
+                # the other hosts' entries only count slots). Slots must cover the largest id.
+                IDS="$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | head -n "$NPROC" | paste -sd, -)"
+                SLOTS=$(( $(echo "$IDS" | tr ',' '\n' | sort -n | tail -n 1) + 1 ))
+                echo "$HOSTS" | sed "s/\$/ slots=$SLOTS/" > "$HOSTFILE.$NODE_RANK"
+                RESOURCES=(--include "$(echo "$HOSTS" | sed "s/\$/:$IDS/" | paste -sd@ -)")
+            else
+                echo "$HOSTS" | sed "s/\$/ slots=$NPROC/" > "$HOSTFILE.$NODE_RANK"
+                RESOURCES=(--num_nodes "$NNODES" --num_gpus "$NPROC")
+            fi
             exec "$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE.$NODE_RANK" --no_ssh \
-                --node_rank "$NODE_RANK" --num_nodes "$NNODES" --num_gpus "$NPROC" \
+                --node_rank "$NODE_RANK" "${RESOURCES[@]}" \
                 --master_addr "$MASTER_ADDR" --master_port "$RDZV_PORT" "$TRAIN" "${ARGS[@]}" "${DS_ARGS[@]}"
         fi
         exec "${TORCHRUN[@]}" "$TRAIN" "${ARGS[@]}" "${DS_ARGS[@]}"
