@@ -56,6 +56,34 @@ MIXED_PRECISION = (None, "bf16")
 _FSDP1_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
+TESTED_TORCH = ((2, 13), (2, 13))
+"""Inclusive (major, minor) range of torch whose FSDP1 internals the adapter was checked against."""
+
+
+def check_fsdp1_internals(version: str | None = None) -> None:
+    """Raise unless torch ``version`` (default: the installed one) lies in :data:`TESTED_TORCH`
+    and has the FSDP1 internals this adapter reads without public API: ``FlatParameter``'s
+    ``_local_shard`` and ``_shard_param_infos``, and ``_runtime_utils._reshard``."""
+    from torch.distributed.fsdp import _flat_param, _runtime_utils
+
+    version = torch.__version__ if version is None else version
+    try:
+        major_minor = tuple(int(x) for x in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        raise RuntimeError(f"FSDP1 adapter: cannot parse the torch version {version!r}") from None
+    low, high = TESTED_TORCH
+    missing = [name for name, ok in (("FlatParameter._local_shard", "_local_shard" in
+                                      getattr(_flat_param.FlatParameter, "__annotations__", {})),
+                                     ("FlatParameter._shard_param_infos", "_shard_param_infos" in
+                                      getattr(_flat_param.FlatParameter, "__annotations__", {})),
+                                     ("_runtime_utils._reshard", hasattr(_runtime_utils, "_reshard"))) if not ok]
+    if not low <= major_minor <= high or missing:
+        raise RuntimeError(f"the FSDP1 adapter was tested with torch {low[0]}.{low[1]} to {high[0]}.{high[1]}, found "
+                           f"{version}{'; missing: ' + ', '.join(missing) if missing else ''}: it reads FSDP1 "
+                           "internals without public API (fsam_dist/shards/fsdp.py); check them and widen "
+                           "TESTED_TORCH, or use FSDP2 (fully_shard)")
+
+
 def _clean(name: str) -> str:
     for prefix in _FSDP1_PREFIXES:
         name = name.replace(prefix, "")
@@ -308,41 +336,95 @@ class FSDPBackend(Backend):
                              "offload from); set fsdp_offload_params: false")
         wrap = _wrap_class_set(model, wrap_classes)
 
-        self.version, self.device = version, device
+        self.mixed_precision, self.cpu_offload = mixed_precision, bool(cpu_offload)
         self.sharding_strategy = sharding_strategy if version == 1 else None
         self.reshard_after_forward = bool(reshard_after_forward)
-        self.mixed_precision, self.cpu_offload = mixed_precision, bool(cpu_offload)
+        self.version, self.device = version, device
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.world_group = None
-        self.loss_multiplier = float(self.world_size)   # FSDP1 and FSDP2 both average over ranks
-        self.replicated = version == 1 and sharding_strategy == "NO_SHARD"
-        self.group = REPLICATED if self.replicated else None
-
-        # Names and positions from the unwrapped module, as LocalBackend sees them.
-        self.module = model
-        canonical_by_id: dict[int, str] = {}
-        for name, p in model.named_parameters():
-            canonical_by_id[id(p)] = name
-        self._canonical = {n: canonical_by_id[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
-        self.trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
-        self.positions = global_positions(self.trainable)
-        self.eligible = {n: is_eligible(n, exclude) for n, _ in self.trainable}
-        self.total_numel = sum(n for _, n in self.trainable)
-
         if sync_module_states:
             with torch.no_grad():
                 for t in list(model.parameters()) + list(model.buffers()):
                     moved = t.data.to(device)
                     dist.broadcast(moved, src=0)
                     t.data.copy_(moved)
-
-        self._model = self._wrap_fsdp1(model, wrap) if version == 1 else self._wrap_fsdp2(model, wrap)
-        self._index_pieces()
+        # Names and sizes from the unwrapped module, as LocalBackend sees them.
+        numels = {id(p): p.numel() for p in model.parameters()}
+        wrapped = self._wrap_fsdp1(model, wrap) if version == 1 else self._wrap_fsdp2(model, wrap)
+        self._attach(wrapped, version, numels, exclude)
         self.optimizer = optimizer_factory(ShardedParams(self.named_parameters()))
         self.scheduler = scheduler_factory(self.optimizer) if scheduler_factory is not None else None
+        self._check_coverage()
 
-        # Disjoint and complete: every trainable entry owned by exactly one rank (or by all under
-        # NO_SHARD). One all-reduce at construction, the same on every rank.
+    @classmethod
+    def from_wrapped(cls, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None,
+                     exclude: tuple[str, ...] | list[str] = DEFAULT_EXCLUDE) -> "FSDPBackend":
+        """The adapter of a model the caller already wrapped: an FSDP1 ``FullyShardedDataParallel``
+        root (``use_orig_params=True``) or an FSDP2 ``fully_shard``-ed root, with its optimizer
+        (built on the wrapped model's parameters) and scheduler."""
+        from torch.distributed.fsdp import FSDPModule, ShardingStrategy
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("FSDPBackend needs an initialised torch.distributed process group")
+        backend = cls.__new__(cls)
+        if isinstance(model, FSDP):
+            if not getattr(model, "_use_orig_params", False):
+                raise ValueError("FSAM with FSDP1 needs FullyShardedDataParallel(..., use_orig_params=True): without "
+                                 "it the original parameters are not views of the shards FSAM reads and perturbs")
+            strategy = model.sharding_strategy
+            if strategy not in (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP,
+                                ShardingStrategy.NO_SHARD):
+                raise ValueError(f"FSAM with FSDP1: sharding_strategy {strategy.name} is not supported; use one of "
+                                 f"{FSDP1_STRATEGIES}")
+            version, backend.sharding_strategy = 1, strategy.name
+            backend.device = model.compute_device
+            numels = {}
+            for state in FSDP.fsdp_modules(model):
+                if state._handle is not None:
+                    fp = state._handle.flat_param
+                    numels.update({id(p): n for p, n in zip(fp._params, fp._numels)})
+        elif isinstance(model, FSDPModule):
+            version, backend.sharding_strategy = 2, None
+            backend.device = next(model.parameters()).device
+            numels = {id(p): p.numel() for p in model.parameters()}
+        else:
+            raise TypeError(f"FSDPBackend.from_wrapped: {type(model).__name__} is neither an FSDP1 "
+                            "FullyShardedDataParallel nor an FSDP2 fully_shard-ed module")
+        backend.version, backend.mixed_precision, backend.cpu_offload = version, None, False
+        backend.reshard_after_forward = True
+        backend.rank, backend.world_size = dist.get_rank(), dist.get_world_size()
+        backend._attach(model, version, numels, exclude)
+        backend.optimizer, backend.scheduler = optimizer, scheduler
+        backend._check_coverage()
+        return backend
+
+    def _attach(self, wrapped: nn.Module, version: int, numels: dict[int, int], exclude) -> None:
+        """Index the wrapped model: canonical names (tied parameters once, under their first name
+        in ``named_parameters()``), global positions and the local shards."""
+        self.version = version
+        self.world_group = None
+        self.loss_multiplier = float(self.world_size)   # FSDP1 and FSDP2 both average over ranks
+        self.replicated = version == 1 and self.sharding_strategy == "NO_SHARD"
+        self.group = REPLICATED if self.replicated else None
+        self._model = self.module = wrapped
+        canonical_by_id: dict[int, str] = {}
+        for name, p in wrapped.named_parameters():
+            canonical_by_id[id(p)] = _clean(name)
+        self._canonical = {_clean(n): canonical_by_id[id(p)]
+                           for n, p in wrapped.named_parameters(remove_duplicate=False)}
+        try:
+            self.trainable = [(_clean(n), numels[id(p)]) for n, p in wrapped.named_parameters() if p.requires_grad]
+        except KeyError:
+            raise RuntimeError("FSDPBackend: a trainable parameter is outside every FSDP unit (ignored modules are "
+                               "not supported)") from None
+        self.positions = global_positions(self.trainable)
+        self.eligible = {n: is_eligible(n, exclude) for n, _ in self.trainable}
+        self.total_numel = sum(n for _, n in self.trainable)
+        self._index_pieces()
+
+    def _check_coverage(self) -> None:
+        """Disjoint and complete: every trainable entry owned by exactly one rank (or by all under
+        NO_SHARD). One all-reduce, the same on every rank."""
         owned = sum(n for _, _, n in self.local_pieces())
         total = float(global_sums([torch.tensor(float(owned))], None if not self.replicated else REPLICATED)[0])
         if int(total) != self.total_numel:
@@ -431,6 +513,7 @@ class FSDPBackend(Backend):
 
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+        check_fsdp1_internals()
         by_id = {}
         for n, p in self._model.named_parameters(remove_duplicate=False):
             by_id.setdefault(id(p), self._canonical[_clean(n)])

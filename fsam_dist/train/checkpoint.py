@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ..rng import rng_state, set_rng_state
 from . import distributed
 
 log = logging.getLogger("fsam_dist")
@@ -124,7 +125,7 @@ def save(output_dir: str | Path, step: int, backend, fsam, trainer_state: dict, 
         tmp.mkdir(parents=True)
     distributed.barrier()
     backend.save_state(tmp / "backend")
-    rank_state = {"fsam": fsam.state_dict() if fsam is not None else None, "rng": _rng_state()}
+    rank_state = {"fsam": fsam.state_dict() if fsam is not None else None, "rng": rng_state()}
     torch.save(rank_state, tmp / f"rank-{rank}.pt")
     if hook is not None:
         hook(step, "written", tmp)
@@ -188,7 +189,7 @@ def load(path: Path, backend, fsam, rank: int, world_size: int, backend_name: st
     if fsam is not None and rank_state["fsam"] is not None:
         fsam.load_state_dict(rank_state["fsam"])
     if saved_world == world_size:
-        _set_rng_state(rank_state["rng"])
+        set_rng_state(rank_state["rng"])
     return trainer_state
 
 
@@ -296,16 +297,3 @@ def check_unpickling(path: Path) -> None:
             raise UnsafeCheckpointError(f"checkpoint {path}: {file} cannot be loaded safely (it would unpickle "
                                         f"something outside the allowlist, or is not a valid pickle): {reason}; "
                                         "refusing to resume from it") from None
-
-
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
