@@ -477,3 +477,21 @@ def test_misuse_errors_distributed():
     assert "after wrapping" in errors["optimizer_before_wrap"]
     assert "gradient_clipping" in errors["deepspeed_clipping"]
     assert "accumulation boundary" in errors["deepspeed_no_boundary"]
+
+
+@pytest.mark.parametrize("spelling", ["1", "true", "TRUE", "yes", "on"])
+def test_accelerate_boolean_spellings_pick_fsdp(monkeypatch, spelling):
+    """ACCELERATE_USE_FSDP is read with accelerate's own spellings, in one place (issue 12 item 4)."""
+    from fsam_dist.config import Config, ConfigError
+    from fsam_dist.train.backends import resolve_backend
+    from fsam_dist.train.distributed import DistEnv
+
+    cfg = Config.model_validate({"model": {"name_or_path": "m"}, "data": {"train_file": "t.jsonl"}})
+    env = DistEnv(world_size=2, launcher="torchrun")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", spelling)
+    assert resolve_backend(cfg, env) == "fsdp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "0")
+    assert resolve_backend(cfg, env) == "ddp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "maybe")
+    with pytest.raises(ConfigError, match="distributed_type: FSDP"):
+        resolve_backend(cfg, env)
