@@ -145,11 +145,9 @@ class FSDPBackend(Backend):
                     moved = t.data.to(device)
                     dist.broadcast(moved, src=0)
                     t.data.copy_(moved)
-        # Names and sizes from the unwrapped module, as LocalBackend sees them.
-        numels = {id(p): p.numel() for p in model.parameters()}
         wrapped = (wrap_fsdp1(model, wrap, sharding_strategy, mixed_precision, cpu_offload, device) if version == 1
                    else wrap_fsdp2(model, wrap, reshard_after_forward, mixed_precision, cpu_offload, device))
-        self._attach(wrapped, version, numels, exclude)
+        self._attach(wrapped, version, exclude)
         self.optimizer = optimizer_factory(ShardedParams(self.named_parameters()))
         self.scheduler = scheduler_factory(self.optimizer) if scheduler_factory is not None else None
         self._check_coverage()
@@ -177,29 +175,30 @@ class FSDPBackend(Backend):
                                  f"{FSDP1_STRATEGIES}")
             version, backend.sharding_strategy = 1, strategy.name
             backend.device = model.compute_device
-            numels = {}
-            for state in FSDP.fsdp_modules(model):
-                if state._handle is not None:
-                    fp = state._handle.flat_param
-                    numels.update({id(p): n for p, n in zip(fp._params, fp._numels)})
         elif isinstance(model, FSDPModule):
             version, backend.sharding_strategy = 2, None
             backend.device = next(model.parameters()).device
-            numels = {id(p): p.numel() for p in model.parameters()}
         else:
             raise TypeError(f"FSDPBackend.from_wrapped: {type(model).__name__} is neither an FSDP1 "
                             "FullyShardedDataParallel nor an FSDP2 fully_shard-ed module")
         backend.version, backend.mixed_precision, backend.cpu_offload = version, None, False
         backend.reshard_after_forward = True
         backend.rank, backend.world_size = dist.get_rank(), dist.get_world_size()
-        backend._attach(model, version, numels, exclude)
+        backend._attach(model, version, exclude)
         backend.optimizer, backend.scheduler = optimizer, scheduler
         backend._check_coverage()
         return backend
 
-    def _attach(self, wrapped: nn.Module, version: int, numels: dict[int, int], exclude) -> None:
+    def _attach(self, wrapped: nn.Module, version: int, exclude) -> None:
         """Index the wrapped model: canonical names (tied parameters once, under their first name
-        in ``named_parameters()``), global positions and the local shards."""
+        in ``named_parameters()``), full sizes, global positions and the local shards."""
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if version == 1:   # the original parameters are 1-D shard views: sizes from the flat parameters
+            numels = {id(p): n for state in FSDP.fsdp_modules(wrapped) if state._handle is not None
+                      for p, n in zip(state._handle.flat_param._params, state._handle.flat_param._numels)}
+        else:              # DTensors report their global size
+            numels = {id(p): p.numel() for p in wrapped.parameters()}
         self.version = version
         self.world_group = None
         self.loss_multiplier = float(self.world_size)   # FSDP1 and FSDP2 both average over ranks
