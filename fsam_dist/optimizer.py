@@ -294,15 +294,16 @@ class FSAMOptimizer:
         stats, phase = self._stats, self._phase
         try:
             if phase == "perturbed":
+                # g₂ is read where pass 2 left it, before the restore republishes the weights.
+                local_bad = count_nonfinite([v.grad for v in self.backend.views()])
                 self._restore()
-                views = self.backend.views()
-                loss_sum, bad = self._reduce(loss, count_nonfinite([v.grad for v in views]))
+                loss_sum, bad = self._reduce(loss, local_bad)
                 if loss is not None:
                     stats["perturbed_loss_sum"] = loss_sum
                 if bad:
                     phase = "skip"
                 elif self.fsam.reuse_direction:
-                    stats.update(self.fsam.look(views, self.backend.group))
+                    stats.update(self.fsam.look(self.backend.views(), self.backend.group))
             if phase == "skip":
                 stats["skipped"] = 1
                 self.backend.zero_grad()
