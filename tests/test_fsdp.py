@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from fsam_dist.core import FSAM, REPLICATED
-from fsam_dist.shards.fsdp import FSDPBackend, FSDPSettings, fsdp_settings_from_env
+from fsam_dist.shards.fsdp import FSDPBackend
+from fsam_dist.train.fsdp_setup import FSDPSettings, fsdp_settings_from_env
 from fsam_dist.shards.local import LocalBackend
 from fsam_dist.train.loss import count_target_tokens, seq2seq_loss_sum
 from fsam_dist.train.step import train_step
@@ -410,7 +411,7 @@ def test_settings_from_accelerate_env():
 PROBE = """
 import json, os
 from dataclasses import asdict
-from fsam_dist.shards.fsdp import fsdp_settings_from_env
+from fsam_dist.train.fsdp_setup import fsdp_settings_from_env
 s = fsdp_settings_from_env()
 with open(os.path.join(os.environ["PROBE_DIR"], "rank" + os.environ["RANK"] + ".json"), "w") as f:
     json.dump({"world": os.environ["WORLD_SIZE"], "settings": None if s is None else asdict(s)}, f)

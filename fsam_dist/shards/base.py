@@ -44,6 +44,11 @@ class Backend:
         after which gradients are reduced. Returns the detached ``loss_sum``."""
         raise NotImplementedError
 
+    def at_boundary(self) -> bool:
+        """Whether the last backward ran at the accumulation boundary (gradients reduced), where
+        the backend can tell; True where it cannot."""
+        return True
+
     def views(self) -> list[ShardView]:
         """Local shard views after a pass (at the accumulation boundary)."""
         raise NotImplementedError

@@ -142,6 +142,20 @@ def skip_cpu_shm_build() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
+def _check_supported(stage: int, fp16: bool, bf16: bool, offloaded: list[str]) -> None:
+    """Refuse what the adapter does not handle, naming the DeepSpeed config key."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"DeepSpeedBackend: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
+    if fp16:
+        raise ValueError("DeepSpeedBackend: fp16 is not supported (untested; use bf16 or fp32)")
+    if stage == 0 and bf16:
+        raise ValueError("DeepSpeedBackend: bf16 needs ZeRO stage 1, 2 or 3 (at stage 0 DeepSpeed keeps the "
+                         "fp32 masters in an optimizer wrapper this adapter does not read)")
+    for key in offloaded:
+        raise ValueError(f"DeepSpeedBackend: zero_optimization.{key} is not supported (the gradients "
+                         "and masters then live in other buffers)")
+
+
 class DeepSpeedBackend(Backend):
     """A model trained by a DeepSpeed engine at ZeRO stage 0 (fp32), 1, 2 or 3 (fp32 or bf16).
 
@@ -168,22 +182,33 @@ class DeepSpeedBackend(Backend):
 
         check_version(deepspeed.__version__)
         zero = ds_config.get("zero_optimization", {})
-        self.stage = int(zero.get("stage", 0))
-        if self.stage not in (0, 1, 2, 3):
-            raise ValueError(f"DeepSpeedBackend: zero_optimization.stage must be 0, 1, 2 or 3, got {self.stage}")
-        if ds_config.get("fp16", {}).get("enabled", False):
-            raise ValueError("DeepSpeedBackend: fp16 is not supported (untested; use bf16 or fp32)")
-        if self.stage == 0 and ds_config.get("bf16", {}).get("enabled", False):
-            raise ValueError("DeepSpeedBackend: bf16 needs ZeRO stage 1, 2 or 3 (at stage 0 DeepSpeed keeps the "
-                             "fp32 masters in an optimizer wrapper this adapter does not read)")
-        for key in ("offload_optimizer", "offload_param"):
-            if zero.get(key) and zero[key].get("device", "none") != "none":
-                raise ValueError(f"DeepSpeedBackend: zero_optimization.{key} is not supported (the gradients "
-                                 "and masters then live in other buffers)")
+        offloaded = [key for key in ("offload_optimizer", "offload_param")
+                     if zero.get(key) and zero[key].get("device", "none") != "none"]
+        _check_supported(int(zero.get("stage", 0)), ds_config.get("fp16", {}).get("enabled", False),
+                         ds_config.get("bf16", {}).get("enabled", False), offloaded)
         if not dist.is_initialized():
             raise RuntimeError("DeepSpeedBackend: call deepspeed.init_distributed(dist_backend=...) first")
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=copy.deepcopy(ds_config))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=copy.deepcopy(ds_config))
+        self._attach(engine, exclude)
+
+    @classmethod
+    def from_engine(cls, engine, exclude: tuple[str, ...] | list[str] = DEFAULT_EXCLUDE) -> "DeepSpeedBackend":
+        """The adapter of an engine the caller built with ``deepspeed.initialize`` (same checks)."""
+        import deepspeed
+
+        check_version(deepspeed.__version__)
+        offloaded = [key for key in ("offload_optimizer", "offload_param")
+                     if getattr(getattr(engine, f"zero_{key}")(), "device", "none") not in ("none", None)]
+        _check_supported(engine.zero_optimization_stage(), engine.fp16_enabled(), engine.bfloat16_enabled(),
+                         offloaded)
+        backend = cls.__new__(cls)
+        backend._attach(engine, exclude)
+        return backend
+
+    def _attach(self, engine, exclude) -> None:
+        self.engine, self.optimizer, self.scheduler = engine, engine.optimizer, engine.lr_scheduler
+        self.stage = int(engine.zero_optimization_stage())
         self.module = self.engine.module
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         dp_group = self.engine.data_parallel_group
@@ -202,6 +227,11 @@ class DeepSpeedBackend(Backend):
         # back before the step so an in-place change (LookSAM's g + α g_v) reaches the optimizer.
         self._zero3_grads: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         self.bit16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+
+    def at_boundary(self) -> bool:
+        """Whether the last ``engine.backward`` ran at a gradient-accumulation boundary (only
+        then are the gradients reduced and partitioned where :meth:`views` reads them)."""
+        return bool(self.engine.is_gradient_accumulation_boundary())
 
     @property
     def model(self) -> torch.nn.Module:
@@ -263,9 +293,6 @@ class DeepSpeedBackend(Backend):
         norm = grad_norm(self.views(), self.group)
         self.engine.step()   # clips, steps the optimizer, then the scheduler; clears the gradients
         return norm
-
-    def skip_step(self) -> None:
-        self.zero_grad()
 
     def save_state(self, path: str) -> None:
         """``engine.save_checkpoint`` into the directory ``path`` (module, optimizer and scheduler

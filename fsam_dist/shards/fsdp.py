@@ -1,21 +1,9 @@
 """PyTorch FSDP: FSDP1 (``FullyShardedDataParallel``, ``use_orig_params=True``) and FSDP2 (``fully_shard``).
 
-Where things live (docs/design.md §3, docs/backends.md), after a backward at the accumulation boundary:
-
-* **FSDP2** -- every parameter is a ``DTensor`` sharded on dim 0 (``Shard(0)``, torch.chunk
-  layout: rank ``r`` holds rows ``[r·c, min((r+1)·c, rows))`` with ``c = ceil(rows / world)``).
-  The local shard is ``p.to_local()`` -- a view of the storage the next all-gather reads, so an
-  in-place change is seen by the next forward -- and its gradient ``p.grad.to_local()``.
-* **FSDP1** -- each FSDP unit flattens its parameters into one ``FlatParameter`` and keeps a
-  1-D shard of it, ``flat_param._local_shard`` (fp32, also under mixed precision; the padding
-  at the end of the last rank's shard belongs to no parameter). ``flat_param._shard_param_infos[i]``
-  says which slice of that shard is original parameter ``i``
-  (``offset_in_shard``, ``numel_in_shard``) and where the slice starts inside the flattened
-  parameter (``intra_param_start_idx``): that gives each piece's global position. The sharded
-  gradient is ``handle.sharded_grad`` (``flat_param.grad``, or ``_cpu_grad`` under CPU offload);
-  the original parameters' ``p.grad`` (what the optimizer reads) are views of it.
-  ``NO_SHARD`` keeps full, replicated parameters and all-reduced gradients: the group is then
-  :data:`~fsam_dist.core.REPLICATED`.
+Where the local shards live after a backward at the accumulation boundary: :mod:`.fsdp1`
+(``FlatParameter`` shards, private internals under a version guard) and :mod:`.fsdp2`
+(``DTensor`` row blocks). ``NO_SHARD`` (FSDP1) keeps full, replicated parameters and all-reduced
+gradients: the group is then :data:`~fsam_dist.core.REPLICATED`.
 
 Both versions average gradients over ranks, so ``loss_multiplier`` is the world size. Tied
 parameters (T5's ``shared.weight`` = ``lm_head.weight`` = ``*.embed_tokens.weight``) stay one
@@ -27,19 +15,15 @@ forward *if* the unsharded parameters were freed; :meth:`FSDPBackend.publish` fr
 still gathered (FSDP1 ``SHARD_GRAD_OP``/``NO_SHARD``, FSDP2 ``reshard_after_forward=False``, or
 anything that unsharded them since), so pass 2 always computes at ``w + e``.
 
-``accelerate launch --config_file configs/accelerate/fsdp2.yaml`` is used as a *launcher* only:
-accelerate 1.15's own FSDP preparation does not work on CPU (docs/backends.md).
-:func:`fsdp_settings_from_env` turns the ``FSDP_*`` variables its yaml produces into
-:class:`FSDPSettings`, and this module does the wrapping.
+The settings ``accelerate launch`` passes in ``FSDP_*`` variables are read by
+:mod:`fsam_dist.train.fsdp_setup`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
-from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -47,173 +31,15 @@ from torch import nn
 
 from ..core import DEFAULT_EXCLUDE, REPLICATED, ShardView, global_positions, global_sums, is_eligible
 from .base import Backend, LossFn
+from .fsdp1 import FSDP1Shards, clean_name, wrap_fsdp1
+from .fsdp2 import FSDP2Shards, wrap_fsdp2
 
 DEFAULT_WRAP_CLASSES = ("T5Block", "BartEncoderLayer", "BartDecoderLayer")
 """Transformer block classes wrapped as their own FSDP unit (when present in the model)."""
 
 FSDP1_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 MIXED_PRECISION = (None, "bf16")
-_FSDP1_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
-
-def _clean(name: str) -> str:
-    for prefix in _FSDP1_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
-# --------------------------------------------------------------------------------------------
-# Settings from `accelerate launch` (its yaml → FSDP_* environment variables)
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class FSDPSettings:
-    """How to wrap the model; :meth:`backend_kwargs` gives :class:`FSDPBackend`'s keyword args."""
-
-    version: int = 2
-    sharding_strategy: str = "FULL_SHARD"
-    """FSDP1 only: FULL_SHARD, SHARD_GRAD_OP or NO_SHARD."""
-    reshard_after_forward: bool = True
-    """FSDP2 only."""
-    wrap_classes: tuple[str, ...] | None = None
-    """Block classes wrapped as FSDP units; None = :data:`DEFAULT_WRAP_CLASSES` found in the model
-    (else the model's ``_no_split_modules``); () = the root only."""
-    mixed_precision: str | None = None
-    cpu_offload: bool = False
-    sync_module_states: bool = False
-    state_dict_type: str = "SHARDED_STATE_DICT"
-    """How the training loop should export the final model ('SHARDED_STATE_DICT' or
-    'FULL_STATE_DICT'); checkpoints for resuming are always sharded (:meth:`FSDPBackend.save_state`)."""
-
-    def backend_kwargs(self) -> dict:
-        kw = asdict(self)
-        kw.pop("state_dict_type")
-        return kw
-
-
-_TRUE = ("1", "true", "yes", "y", "on")
-_FALSE = ("0", "false", "no", "n", "off")
-
-
-def _bool(env: Mapping[str, str], var: str, key: str, default: bool) -> bool:
-    raw = env.get(var)
-    if raw is None or raw.strip() == "":
-        return default
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"accelerate config: {key}={raw!r} (environment {var}) is not a boolean")
-
-
-def fsdp_settings_from_env(environ: Mapping[str, str] | None = None) -> FSDPSettings | None:
-    """Read the FSDP settings ``accelerate launch --config_file <fsdp yaml>`` exports.
-
-    Returns None when the launch is not an FSDP one (``ACCELERATE_USE_FSDP`` unset or false).
-    Raises ``ValueError`` naming the yaml key of any setting this backend does not support.
-
-    accelerate 1.15 exports (``accelerate/utils/launch.py``, ``prepare_multi_gpu_env``):
-    ``ACCELERATE_USE_FSDP=true``, ``FSDP_VERSION`` (yaml ``fsdp_version``, default 1),
-    ``FSDP_SHARDING_STRATEGY`` (``fsdp_sharding_strategy``, default FULL_SHARD, always set),
-    ``FSDP_RESHARD_AFTER_FORWARD`` (``fsdp_reshard_after_forward``, lower-cased, default "true":
-    a bool for FSDP2, a strategy name for FSDP1), ``FSDP_AUTO_WRAP_POLICY``,
-    ``FSDP_TRANSFORMER_CLS_TO_WRAP`` (comma-separated), ``FSDP_OFFLOAD_PARAMS``,
-    ``FSDP_USE_ORIG_PARAMS``, ``FSDP_STATE_DICT_TYPE``, ``FSDP_SYNC_MODULE_STATES``,
-    ``FSDP_CPU_RAM_EFFICIENT_LOADING``, ``FSDP_ACTIVATION_CHECKPOINTING``(``_OFFLOAD``),
-    ``FSDP_FORWARD_PREFETCH``, ``FSDP_BACKWARD_PREFETCH``, ``FSDP_MIN_NUM_PARAMS``,
-    ``FSDP_IGNORED_MODULES``, and ``ACCELERATE_MIXED_PRECISION`` (yaml ``mixed_precision``).
-    Prefetch settings only tune communication overlap and are ignored.
-    """
-    env = os.environ if environ is None else environ
-    if not _bool(env, "ACCELERATE_USE_FSDP", "distributed_type: FSDP", False):
-        return None
-
-    raw_version = env.get("FSDP_VERSION", "1").strip()
-    if raw_version not in ("1", "2"):
-        raise ValueError(f"accelerate config: fsdp_version={raw_version!r} must be 1 or 2")
-    version = int(raw_version)
-
-    # Sharding: FSDP_SHARDING_STRATEGY is always exported (default FULL_SHARD), and for FSDP1
-    # the yaml's fsdp_reshard_after_forward may hold a strategy name instead.
-    strategy = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper() or "FULL_SHARD"
-    if strategy.isdigit():   # accelerate also accepts the ShardingStrategy enum value (1-based)
-        names = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
-        strategy = names[int(strategy) - 1] if 1 <= int(strategy) <= len(names) else strategy
-    reshard_raw = env.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip()
-    reshard = True
-    if version == 2:
-        if reshard_raw.lower() in _TRUE:
-            reshard = True
-        elif reshard_raw.lower() in _FALSE:
-            reshard = False
-        else:
-            raise ValueError(f"accelerate config: fsdp_reshard_after_forward={reshard_raw!r} must be true or "
-                             "false with fsdp_version: 2 (FSDP2 has no sharding strategies)")
-    else:
-        if reshard_raw.lower() in _FALSE:
-            raise ValueError("accelerate config: fsdp_reshard_after_forward=false with fsdp_version: 1; FSDP1 "
-                             "takes a strategy name there (fsdp_reshard_after_forward: SHARD_GRAD_OP)")
-        if reshard_raw.lower() not in _TRUE:
-            named = reshard_raw.upper()
-            if strategy != "FULL_SHARD" and named != strategy:
-                raise ValueError(f"accelerate config: fsdp_sharding_strategy={strategy} and "
-                                 f"fsdp_reshard_after_forward={named} disagree; set one of them")
-            strategy = named
-        if strategy in ("HYBRID_SHARD", "HYBRID_SHARD_ZERO2", "_HYBRID_SHARD_ZERO2"):
-            raise ValueError(f"accelerate config: fsdp_sharding_strategy={strategy} (hybrid sharding) is not "
-                             f"supported; use one of {FSDP1_STRATEGIES}")
-        if strategy not in FSDP1_STRATEGIES:
-            raise ValueError(f"accelerate config: fsdp_sharding_strategy / fsdp_reshard_after_forward={strategy!r} "
-                             f"is not one of {FSDP1_STRATEGIES}")
-        if not _bool(env, "FSDP_USE_ORIG_PARAMS", "fsdp_use_orig_params", False):
-            raise ValueError("accelerate config: fsdp_use_orig_params must be true with fsdp_version: 1 (the FSAM "
-                             "backend reads and perturbs the original parameters' shards)")
-
-    policy = env.get("FSDP_AUTO_WRAP_POLICY", "").strip().upper()
-    if policy in ("", "TRANSFORMER_BASED_WRAP"):
-        classes = env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").strip()
-        wrap = tuple(c.strip() for c in classes.split(",") if c.strip()) or None
-    elif policy == "NO_WRAP":
-        wrap = ()
-    else:
-        raise ValueError(f"accelerate config: fsdp_auto_wrap_policy={policy} is not supported; use "
-                         "TRANSFORMER_BASED_WRAP (with fsdp_transformer_layer_cls_to_wrap) or NO_WRAP")
-
-    for var, key in (("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing"),
-                     ("FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD", "fsdp_activation_checkpointing_offload"),
-                     ("FSDP_CPU_RAM_EFFICIENT_LOADING", "fsdp_cpu_ram_efficient_loading")):
-        if _bool(env, var, key, False):
-            raise ValueError(f"accelerate config: {key}: true is not supported by the FSAM FSDP backend; "
-                             "set it to false")
-    if env.get("FSDP_IGNORED_MODULES", "").strip():
-        raise ValueError("accelerate config: fsdp_ignored_modules is not supported by the FSAM FSDP backend")
-
-    state_dict_type = env.get("FSDP_STATE_DICT_TYPE", "").strip().upper() or (
-        "SHARDED_STATE_DICT" if version == 2 else "FULL_STATE_DICT")
-    if state_dict_type not in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
-        raise ValueError(f"accelerate config: fsdp_state_dict_type={state_dict_type} is not supported; use "
-                         "SHARDED_STATE_DICT or FULL_STATE_DICT")
-
-    precision = env.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower() or "no"
-    if precision not in ("no", "bf16"):
-        raise ValueError(f"accelerate config: mixed_precision={precision} is not supported with FSDP; use no or "
-                         "bf16 (fp16 would need a gradient scaler)")
-
-    # The launcher exports FSDP_SYNC_MODULE_STATES=true unless the yaml says otherwise; accelerate
-    # ignores it for FSDP2 ("obsolete"), and so do we: a shard comes from one rank, so FSDP2 needs
-    # no identical initialisation.
-    sync = version == 1 and _bool(env, "FSDP_SYNC_MODULE_STATES", "fsdp_sync_module_states", False)
-    return FSDPSettings(
-        version=version, sharding_strategy=strategy, reshard_after_forward=reshard, wrap_classes=wrap,
-        mixed_precision=None if precision == "no" else "bf16",
-        cpu_offload=_bool(env, "FSDP_OFFLOAD_PARAMS", "fsdp_offload_params", False),
-        sync_module_states=sync, state_dict_type=state_dict_type)
-
-
-# --------------------------------------------------------------------------------------------
-# The adapter
-# --------------------------------------------------------------------------------------------
 
 def _wrap_class_set(model: nn.Module, wrap_classes: Iterable[str] | None) -> set[type]:
     present = {type(m).__name__: type(m) for m in model.modules()}
@@ -296,7 +122,7 @@ class FSDPBackend(Backend):
             raise ValueError(f"FSDPBackend: mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("FSDPBackend needs an initialised torch.distributed process group")
-        if isinstance(model, nn.Module) and any(_clean(n) != n for n, _ in model.named_parameters()):
+        if isinstance(model, nn.Module) and any(clean_name(n) != n for n, _ in model.named_parameters()):
             raise ValueError("FSDPBackend: pass the unwrapped model; it is wrapped here")
         if device is None:
             device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
@@ -306,152 +132,112 @@ class FSDPBackend(Backend):
                              "offload from); set fsdp_offload_params: false")
         wrap = _wrap_class_set(model, wrap_classes)
 
-        self.version, self.device = version, device
+        self.mixed_precision, self.cpu_offload = mixed_precision, bool(cpu_offload)
         self.sharding_strategy = sharding_strategy if version == 1 else None
         self.reshard_after_forward = bool(reshard_after_forward)
-        self.mixed_precision, self.cpu_offload = mixed_precision, bool(cpu_offload)
+        self.version, self.device = version, device
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.world_group = None
-        self.loss_multiplier = float(self.world_size)   # FSDP1 and FSDP2 both average over ranks
-        self.replicated = version == 1 and sharding_strategy == "NO_SHARD"
-        self.group = REPLICATED if self.replicated else None
-
-        # Names and positions from the unwrapped module, as LocalBackend sees them.
-        self.module = model
-        canonical_by_id: dict[int, str] = {}
-        for name, p in model.named_parameters():
-            canonical_by_id[id(p)] = name
-        self._canonical = {n: canonical_by_id[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
-        self.trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
-        self.positions = global_positions(self.trainable)
-        self.eligible = {n: is_eligible(n, exclude) for n, _ in self.trainable}
-        self.total_numel = sum(n for _, n in self.trainable)
-
         if sync_module_states:
             with torch.no_grad():
                 for t in list(model.parameters()) + list(model.buffers()):
                     moved = t.data.to(device)
                     dist.broadcast(moved, src=0)
                     t.data.copy_(moved)
-
-        self._model = self._wrap_fsdp1(model, wrap) if version == 1 else self._wrap_fsdp2(model, wrap)
-        self._index_pieces()
+        wrapped = (wrap_fsdp1(model, wrap, sharding_strategy, mixed_precision, cpu_offload, device) if version == 1
+                   else wrap_fsdp2(model, wrap, reshard_after_forward, mixed_precision, cpu_offload, device))
+        self._attach(wrapped, version, exclude)
         self.optimizer = optimizer_factory(ShardedParams(self.named_parameters()))
         self.scheduler = scheduler_factory(self.optimizer) if scheduler_factory is not None else None
+        self._check_coverage()
 
-        # Disjoint and complete: every trainable entry owned by exactly one rank (or by all under
-        # NO_SHARD). One all-reduce at construction, the same on every rank.
+    @classmethod
+    def from_wrapped(cls, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None,
+                     exclude: tuple[str, ...] | list[str] = DEFAULT_EXCLUDE) -> "FSDPBackend":
+        """The adapter of a model the caller already wrapped: an FSDP1 ``FullyShardedDataParallel``
+        root (``use_orig_params=True``) or an FSDP2 ``fully_shard``-ed root, with its optimizer
+        (built on the wrapped model's parameters) and scheduler."""
+        from torch.distributed.fsdp import FSDPModule, ShardingStrategy
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("FSDPBackend needs an initialised torch.distributed process group")
+        backend = cls.__new__(cls)
+        if isinstance(model, FSDP):
+            if not getattr(model, "_use_orig_params", False):
+                raise ValueError("FSAM with FSDP1 needs FullyShardedDataParallel(..., use_orig_params=True): without "
+                                 "it the original parameters are not views of the shards FSAM reads and perturbs")
+            strategy = model.sharding_strategy
+            if strategy not in (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP,
+                                ShardingStrategy.NO_SHARD):
+                raise ValueError(f"FSAM with FSDP1: sharding_strategy {strategy.name} is not supported; use one of "
+                                 f"{FSDP1_STRATEGIES}")
+            version, backend.sharding_strategy = 1, strategy.name
+            backend.device = model.compute_device
+        elif isinstance(model, FSDPModule):
+            version, backend.sharding_strategy = 2, None
+            backend.device = next(model.parameters()).device
+        else:
+            raise TypeError(f"FSDPBackend.from_wrapped: {type(model).__name__} is neither an FSDP1 "
+                            "FullyShardedDataParallel nor an FSDP2 fully_shard-ed module")
+        backend.version, backend.mixed_precision, backend.cpu_offload = version, None, False
+        backend.reshard_after_forward = True
+        backend.rank, backend.world_size = dist.get_rank(), dist.get_world_size()
+        backend._attach(model, version, exclude)
+        backend.optimizer, backend.scheduler = optimizer, scheduler
+        backend._check_coverage()
+        return backend
+
+    def _attach(self, wrapped: nn.Module, version: int, exclude) -> None:
+        """Index the wrapped model: canonical names (tied parameters once, under their first name
+        in ``named_parameters()``), full sizes, global positions and the local shards."""
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if version == 1:   # the original parameters are 1-D shard views: sizes from the flat parameters
+            numels = {id(p): n for state in FSDP.fsdp_modules(wrapped) if state._handle is not None
+                      for p, n in zip(state._handle.flat_param._params, state._handle.flat_param._numels)}
+        else:              # DTensors report their global size
+            numels = {id(p): p.numel() for p in wrapped.parameters()}
+        self.version = version
+        self.world_group = None
+        self.loss_multiplier = float(self.world_size)   # FSDP1 and FSDP2 both average over ranks
+        self.replicated = version == 1 and self.sharding_strategy == "NO_SHARD"
+        self.group = REPLICATED if self.replicated else None
+        self._model = self.module = wrapped
+        canonical_by_id: dict[int, str] = {}
+        for name, p in wrapped.named_parameters():
+            canonical_by_id[id(p)] = clean_name(name)
+        self._canonical = {clean_name(n): canonical_by_id[id(p)]
+                           for n, p in wrapped.named_parameters(remove_duplicate=False)}
+        try:
+            self.trainable = [(clean_name(n), numels[id(p)]) for n, p in wrapped.named_parameters() if p.requires_grad]
+        except KeyError:
+            raise RuntimeError("FSDPBackend: a trainable parameter is outside every FSDP unit (ignored modules are "
+                               "not supported)") from None
+        self.positions = global_positions(self.trainable)
+        self.eligible = {n: is_eligible(n, exclude) for n, _ in self.trainable}
+        self.total_numel = sum(n for _, n in self.trainable)
+        self._index_pieces()
+
+    def _check_coverage(self) -> None:
+        """Disjoint and complete: every trainable entry owned by exactly one rank (or by all under
+        NO_SHARD). One all-reduce, the same on every rank."""
         owned = sum(n for _, _, n in self.local_pieces())
         total = float(global_sums([torch.tensor(float(owned))], None if not self.replicated else REPLICATED)[0])
         if int(total) != self.total_numel:
             raise RuntimeError(f"FSDPBackend: local shards cover {int(total)} entries over all ranks, the model "
                                f"has {self.total_numel} trainable entries (shard offsets misread?)")
 
-    @classmethod
-    def from_settings(cls, model: nn.Module, settings: FSDPSettings | None = None, *,
-                      optimizer_factory: Callable, scheduler_factory: Callable | None = None,
-                      precision: str | None = None, exclude: tuple[str, ...] | list[str] = DEFAULT_EXCLUDE,
-                      device: torch.device | None = None) -> "FSDPBackend":
-        """Build from :class:`FSDPSettings` (default: :func:`fsdp_settings_from_env`).
-
-        ``precision`` is the training config's 'fp32' | 'bf16': bf16 turns on FSDP's bf16 policy;
-        it must not contradict the accelerate yaml's ``mixed_precision`` when that is bf16.
-        """
-        if settings is None:
-            settings = fsdp_settings_from_env() or FSDPSettings()
-        kwargs = settings.backend_kwargs()
-        if precision is not None:
-            if precision not in ("fp32", "bf16"):
-                raise ValueError(f"FSDP backend: precision {precision!r} is not supported; use fp32 or bf16")
-            wanted = "bf16" if precision == "bf16" else None
-            if settings.mixed_precision is not None and settings.mixed_precision != wanted:
-                raise ValueError(f"accelerate config mixed_precision: {settings.mixed_precision} disagrees with "
-                                 f"train.precision: {precision}")
-            kwargs["mixed_precision"] = wanted
-        return cls(model, optimizer_factory=optimizer_factory, scheduler_factory=scheduler_factory,
-                   exclude=exclude, device=device, **kwargs)
-
-    # ---- wrapping --------------------------------------------------------------------------
-
-    def _wrap_fsdp1(self, model: nn.Module, wrap: set[type]) -> nn.Module:
-        from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-        mp = None
-        if self.mixed_precision == "bf16":
-            mp = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)   # buffers stay fp32, as FSDP2
-        return FSDP(model, sharding_strategy=ShardingStrategy[self.sharding_strategy],
-                    auto_wrap_policy=ModuleWrapPolicy(wrap) if wrap else None, mixed_precision=mp,
-                    cpu_offload=CPUOffload(offload_params=True) if self.cpu_offload else None,
-                    use_orig_params=True, device_id=self.device)
-
-    def _wrap_fsdp2(self, model: nn.Module, wrap: set[type]) -> nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
-        kwargs: dict = {"mesh": mesh, "reshard_after_forward": self.reshard_after_forward}
-        if self.mixed_precision == "bf16":
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if self.cpu_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy()
-        if self.device.type != "cpu":
-            model.to(self.device)
-        # Children before parents (blocks do not nest in T5/BART, but other models may).
-        for module in reversed(list(model.modules())):
-            if module is not model and type(module) in wrap:
-                fully_shard(module, **kwargs)
-        fully_shard(model, **kwargs)
-        return model
-
     def _index_pieces(self) -> None:
         """Map every trainable parameter to where its local shard lives."""
         if self.version == 2:
-            from torch.distributed.tensor import DTensor, Shard
+            self.shards = FSDP2Shards(self.named_parameters(), self.positions, self.eligible, self.rank,
+                                      self.world_size)
+        else:
+            self.shards = FSDP1Shards(self._model, self._canonical, self.positions, self.eligible)
 
-            self._fsdp2_params = []
-            for name, p in self.named_parameters():
-                if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),):
-                    raise RuntimeError(f"FSDP2 parameter {name} is not a DTensor sharded on dim 0 "
-                                       f"({type(p).__name__}, {getattr(p, 'placements', None)})")
-                rows = p.shape[0] if p.dim() else 1
-                chunk = -(-rows // self.world_size)
-                start_row = min(self.rank * chunk, rows)
-                local = p.to_local()
-                row_numel = p.numel() // rows if rows else 0
-                expected_rows = max(0, min(rows, start_row + chunk) - start_row)
-                if local.numel() != expected_rows * row_numel:
-                    raise RuntimeError(f"FSDP2 parameter {name}: local shard has {local.numel()} entries, expected "
-                                       f"{expected_rows * row_numel} (torch.chunk layout)")
-                self._fsdp2_params.append((name, p, start_row * row_numel))
-            return
-
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        by_id = {}
-        for n, p in self._model.named_parameters(remove_duplicate=False):
-            by_id.setdefault(id(p), self._canonical[_clean(n)])
-        self._fsdp1_handles = []   # (fsdp state, handle, [(name, offset_in_shard, numel, intra_start)])
-        seen: dict[str, int] = {}
-        for state in FSDP.fsdp_modules(self._model):
-            handle = state._handle
-            if handle is None:
-                continue
-            fp = handle.flat_param
-            pieces = []
-            for p, info in zip(fp._params, fp._shard_param_infos):
-                name = by_id[id(p)]
-                seen[name] = seen.get(name, 0) + 1
-                if not p.requires_grad or name not in self.positions:
-                    continue
-                # NO_SHARD has the same metadata: one "shard" covering the whole flat parameter.
-                if info.in_shard and info.numel_in_shard:
-                    pieces.append((name, info.offset_in_shard, info.numel_in_shard, info.intra_param_start_idx))
-            self._fsdp1_handles.append((state, handle, pieces))
-        doubled = [n for n, c in seen.items() if c > 1]
-        if doubled:
-            raise RuntimeError(f"FSDP1: parameters {doubled} are held by more than one FSDP unit")
+    @property
+    def _fsdp1_handles(self) -> list:
+        return self.shards.handles
 
     # ---- what the step needs ---------------------------------------------------------------
 
@@ -466,24 +252,17 @@ class FSDPBackend(Backend):
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            out.append((self._canonical[_clean(n)], p))
+            out.append((self._canonical[clean_name(n)], p))
         return out
 
     def local_pieces(self) -> list[tuple[str, int, int]]:
         """(name, offset within the flattened parameter, numel) of every piece this rank owns."""
-        if self.version == 2:
-            return [(n, off, p.to_local().numel()) for n, p, off in self._fsdp2_params if p.to_local().numel()]
-        return [(n, intra, numel) for _, _, pieces in self._fsdp1_handles for n, _, numel, intra in pieces]
+        return self.shards.pieces()
 
     def forward_backward(self, loss_fn: LossFn, micro_batch: dict, scale: float, last: bool) -> torch.Tensor:
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in micro_batch.items()}
-        if self.version == 2:
-            # Non-boundary micro-batches accumulate unreduced gradients; the boundary one reduces.
-            self._model.set_requires_gradient_sync(last)
-            context = contextlib.nullcontext()
-        else:
-            context = contextlib.nullcontext() if last else self._model.no_sync()
-        with context, warnings.catch_warnings():
+        # Non-boundary micro-batches accumulate unreduced gradients; the boundary one reduces.
+        with self.shards.sync(self._model, last), warnings.catch_warnings():
             # T5/BART blocks return views; FSDP2 warns that an in-place op on such an output would
             # skip its pre-backward hook. These models never do that (the parity tests check).
             warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -492,50 +271,13 @@ class FSDPBackend(Backend):
         return loss_sum.detach()
 
     def views(self) -> list[ShardView]:
-        views = []
-        if self.version == 2:
-            for name, p, offset in self._fsdp2_params:
-                local = p.to_local()
-                if not local.numel():
-                    continue
-                if p.grad is None:   # unused in this batch: its gradient is zero
-                    p.grad = torch.zeros_like(p)
-                grad = p.grad.to_local()
-                views.append(ShardView(name, local.detach().view(-1), grad.view(-1),
-                                       self.positions[name] + offset, self.eligible[name]))
-            return views
-        for _, handle, pieces in self._fsdp1_handles:
-            fp = handle.flat_param
-            shard = getattr(fp, "_local_shard", None)
-            if shard is None:   # before the first forward (lazy init): the flat parameter is the shard
-                shard = fp.data
-            grad = handle.sharded_grad
-            if grad is not None and grad.numel() != shard.numel():
-                raise RuntimeError("FSDP1: gradient is not sharded; views() is only valid at an accumulation "
-                                   "boundary (after a synchronised backward)")
-            if grad is None:   # no gradient reached this unit: zero (FSDP leaves p.grad None, so the
-                grad = torch.zeros_like(shard)   # optimizer skips these parameters this step)
-            for name, offset, numel, intra in pieces:
-                views.append(ShardView(name, shard.detach()[offset:offset + numel], grad[offset:offset + numel],
-                                       self.positions[name] + intra, self.eligible[name]))
-        return views
+        return self.shards.views()
 
     def publish(self, restored: bool) -> None:
         """Free every gathered (unsharded) parameter copy, so the next forward all-gathers the
         shards as they are now. A no-op where everything is already sharded (FULL_SHARD, and
         every strategy after a synchronised backward)."""
-        if self.version == 2:
-            from torch.distributed.fsdp import FSDPModule
-
-            for module in self._model.modules():
-                if isinstance(module, FSDPModule):
-                    module.reshard()
-            return
-        from torch.distributed.fsdp._runtime_utils import _reshard
-
-        for state, handle, _ in self._fsdp1_handles:
-            if handle.uses_sharded_strategy and not handle.is_sharded(handle.flat_param):
-                _reshard(state, handle, True)
+        self.shards.publish(self._model)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

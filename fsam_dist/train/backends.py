@@ -10,14 +10,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import torch
 
 from ..config import Config, ConfigError
+from ..core import DEFAULT_EXCLUDE
 from .distributed import DistEnv
+from .fsdp_setup import fsdp_backend, fsdp_settings_from_env, use_fsdp
 
 FP16_REASON = ("FSAM's two passes would have to drive DeepSpeed's fp16 loss scaler (overflow decided on every "
                "rank in both passes, the scale backed off on a skipped step), which cannot be verified without a GPU")
@@ -36,8 +37,9 @@ UNSUPPORTED_ZERO = {
 }
 """ZeRO options preflight refuses: key → why (each is 'off' at its DeepSpeed default)."""
 
-NO_DECAY = (r"(^|\.)bias$", r"(?i)layer_?norm")
-"""Parameters without weight decay (as in Hugging Face's Trainer)."""
+NO_DECAY = DEFAULT_EXCLUDE[:2]
+"""Parameters without weight decay, as in Hugging Face's Trainer: biases and layer norms (the
+first two of the Fisher mask's default exclusions)."""
 
 
 def resolve_backend(cfg: Config, env: DistEnv) -> str:
@@ -46,13 +48,20 @@ def resolve_backend(cfg: Config, env: DistEnv) -> str:
     if name == "auto":
         if cfg.backend.deepspeed_config:
             name = "deepspeed"
-        elif os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        elif _use_fsdp():
             name = "fsdp"
         elif env.world_size > 1:
             name = "ddp"
         else:
             name = "single"
     return name
+
+
+def _use_fsdp() -> bool:
+    try:
+        return use_fsdp()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def preflight(cfg: Config, env: DistEnv, name: str) -> dict | None:
@@ -77,8 +86,6 @@ def preflight(cfg: Config, env: DistEnv, name: str) -> dict | None:
     if name == "deepspeed":
         return deepspeed_config(cfg, env.world_size)
     if name == "fsdp":
-        from ..shards.fsdp import fsdp_settings_from_env
-
         try:
             fsdp_settings_from_env()
         except ValueError as err:
@@ -210,11 +217,8 @@ def build_backend(name: str, cfg: Config, env: DistEnv, model: torch.nn.Module, 
         optimizer = make_optimizer(param_groups(model, cfg.optim.weight_decay), cfg)
         return DeepSpeedBackend(model, ds_config, optimizer, make_scheduler(optimizer, cfg), exclude=exclude)
     if name == "fsdp":
-        from ..shards.fsdp import FSDPBackend, fsdp_settings_from_env
-
-        settings = fsdp_settings_from_env()
-        return FSDPBackend.from_settings(
-            model, settings,
+        return fsdp_backend(
+            model, fsdp_settings_from_env(),
             optimizer_factory=lambda m: make_optimizer(param_groups(m, cfg.optim.weight_decay), cfg),
             scheduler_factory=lambda opt: make_scheduler(opt, cfg), precision=cfg.train.precision,
             exclude=exclude)

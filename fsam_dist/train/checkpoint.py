@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ..rng import rng_state, set_rng_state
 from . import distributed
 
 log = logging.getLogger("fsam_dist")
@@ -162,7 +163,7 @@ def save(output_dir: str | Path, step: int, backend, fsam, trainer_state: dict, 
     distributed.host_barrier()
     backend.save_state(tmp / "backend")
     # On the CPU: a rank file loads on any machine, and never onto another rank's GPU.
-    rank_state = {"fsam": _moved(fsam.state_dict()) if fsam is not None else None, "rng": _rng_state()}
+    rank_state = {"fsam": _moved(fsam.state_dict()) if fsam is not None else None, "rng": rng_state()}
     torch.save(rank_state, tmp / f"rank-{rank}.pt")
     if hook is not None:
         hook(step, "written", tmp)
@@ -245,7 +246,7 @@ def load(path: Path, backend, fsam, rank: int, world_size: int, backend_name: st
     if fsam is not None and rank_state["fsam"] is not None:
         fsam.load_state_dict(_moved(rank_state["fsam"], _state_device(backend)))
     if saved_world == world_size:
-        _set_rng_state(rank_state["rng"])
+        set_rng_state(rank_state["rng"])
     return trainer_state
 
 
@@ -353,16 +354,3 @@ def check_unpickling(path: Path) -> None:
             raise UnsafeCheckpointError(f"checkpoint {path}: {file} cannot be loaded safely (it would unpickle "
                                         f"something outside the allowlist, or is not a valid pickle): {reason}; "
                                         "refusing to resume from it") from None
-
-
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])

@@ -1,4 +1,5 @@
-"""The two-pass FSAM optimizer step, the same for every backend.
+"""The CLI's optimizer step: micro-batches, the global-batch loss normalisation and the
+'empirical' Fisher, around :class:`fsam_dist.FSAMOptimizer` (the one two-pass implementation).
 
     pass 1 over the step's micro-batches → g        (all ranks agree to skip on NaN/inf)
     FSAM: refresh mask if due, w ← w + e             (fsam_dist.core)
@@ -21,30 +22,20 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..core import FSAM, count_nonfinite, global_sums
+from ..core import FSAM, fisher_scores, global_sums
+from ..optimizer import FSAMOptimizer
+from ..rng import rng_state
 from ..shards.base import Backend, LossFn
 
 
-def _rng_state():
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _run_pass(backend: Backend, loss_fn: LossFn, micro_batches: list[dict], scale: float) -> tuple[float, int]:
-    """Forward/backward over all micro-batches; returns (local loss sum, local non-finite count)."""
-    loss_total = torch.zeros((), dtype=torch.float64)
+def _run_pass(backend: Backend, loss_fn: LossFn, micro_batches: list[dict], scale: float) -> torch.Tensor:
+    """Forward/backward over all micro-batches; returns this rank's loss sum (fp64, on the
+    model's device: no host sync per micro-batch)."""
+    total = None
     for i, mb in enumerate(micro_batches):
-        loss_total += backend.forward_backward(loss_fn, mb, scale, last=i == len(micro_batches) - 1).double().cpu()
-    bad = count_nonfinite([v.grad for v in backend.views()]) + int(not bool(torch.isfinite(loss_total)))
-    return loss_total, bad
+        loss_sum = backend.forward_backward(loss_fn, mb, scale, last=i == len(micro_batches) - 1).double()
+        total = loss_sum if total is None else total + loss_sum
+    return total
 
 
 def empirical_fisher(backend: Backend, loss_fn: LossFn, examples: Iterable[dict]) -> list[torch.Tensor]:
@@ -63,7 +54,7 @@ def empirical_fisher(backend: Backend, loss_fn: LossFn, examples: Iterable[dict]
             for example in examples:
                 backend.zero_grad()
                 backend.forward_backward(loss_fn, example, backend.loss_multiplier / backend.world_size, last=True)
-                squares = [v.grad.to(torch.float32).square() for v in backend.views() if v.eligible]
+                squares = fisher_scores(backend.views())
                 scores = squares if scores is None else [s.add_(q) for s, q in zip(scores, squares)]
     finally:
         model.train(was_training)
@@ -105,58 +96,31 @@ def train_step(backend: Backend, loss_fn: LossFn, micro_batches: list[dict], *, 
     if total_targets <= 0:
         raise ValueError("train_step: the global batch has no targets")
     scale = backend.loss_multiplier / total_targets
-    stats: dict = {"targets": total_targets, "skipped": 0}
-    reuse = None
-    if fsam is not None:
-        stats["perturbed"] = 0
-        if not fsam.perturbs_at(step):
-            # interval: a plain base-optimizer step (LookSAM: on a corrected gradient)
-            fsam, reuse = None, fsam if fsam.reuse_direction else None
+    sam = FSAMOptimizer.for_backend(backend, fsam, clip_grad_norm=clip_grad_norm, step=step)
 
     scores = None
-    if fsam is not None and fsam.fisher == "empirical" and fsam.refresh_due(step):
+    if fsam is not None and fsam.perturbs_at(step) and fsam.fisher == "empirical" and fsam.refresh_due(step):
         if fisher_examples is None:
             raise ValueError("fisher='empirical' needs fisher_examples")
         scores = empirical_fisher(backend, loss_fn, fisher_examples())
-        # NaN Fisher scores count as a non-finite pass 1: the step is skipped everywhere.
-        scores_bad = count_nonfinite(scores)
-    else:
-        scores_bad = 0
 
-    rng = _rng_state() if same_dropout else None
+    rng = rng_state() if same_dropout else None
     backend.zero_grad()
-    loss_sum, bad = _run_pass(backend, loss_fn, micro_batches, scale)
-    loss_sum, bad = global_sums([loss_sum, torch.tensor(float(bad + scores_bad))], backend.world_group).tolist()
-    stats["loss"] = loss_sum / total_targets
-    if bad:
-        backend.skip_step()
-        stats["skipped"] = 1
-        return stats
-
-    if fsam is not None:
+    loss = _run_pass(backend, loss_fn, micro_batches, scale)
+    # NaN Fisher scores count as a non-finite pass 1: the step is skipped everywhere.
+    second = None
+    if sam.ascend(loss=loss, rng_state=rng, fisher_scores=scores):
         try:
-            stats.update(fsam.ascend(backend.views(), step, backend.group, scores=scores))
-            stats["perturbed"] = 1
-            backend.publish(restored=False)
-            backend.zero_grad()
-            if rng is not None:
-                _set_rng_state(rng)
-            loss_sum, bad = _run_pass(backend, loss_fn, micro_batches, scale)
-        finally:
-            # Whatever happened in pass 2, the weights go back to w before anything else.
-            fsam.descend(backend.views())
-            backend.publish(restored=True)
-        loss_sum, bad = global_sums([loss_sum, torch.tensor(float(bad))], backend.world_group).tolist()
-        stats["perturbed_loss"] = loss_sum / total_targets
+            second = _run_pass(backend, loss_fn, micro_batches, scale)
+        except BaseException:
+            sam.cancel()   # the weights go back to w before anything else
+            raise
+    stats = {"targets": total_targets, **sam.descend_and_step(loss=second)}
+    stats["loss"] = stats.pop("loss_sum") / total_targets
+    stats.pop("perturbed_loss", None)
+    if "perturbed_loss_sum" in stats:
+        stats["perturbed_loss"] = stats.pop("perturbed_loss_sum") / total_targets
         stats["sharpness"] = stats["perturbed_loss"] - stats["loss"]
-        if bad:
-            backend.skip_step()
-            stats["skipped"] = 1
-            return stats
-        if fsam.reuse_direction:
-            stats.update(fsam.look(backend.views(), backend.group))
-    elif reuse is not None:
-        stats.update(reuse.reuse(backend.views(), backend.group))
-
-    stats["clip_grad_norm"] = backend.clip_and_step(clip_grad_norm)
+    if fsam is None:
+        stats.pop("perturbed")
     return stats
