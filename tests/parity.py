@@ -117,3 +117,7 @@ def assert_not_parity(got: dict, expected: dict, start: dict, lr_steps: float, l
     worst = worst_relative(errors)
     print(f"{label} (control): worst ‖w − w_ref‖/‖w_ref − w₀‖ = {worst:.2e}")
     return worst
+ELEM_BF16 = 1e-1
+"""ν for a bf16 run against the fp32 run (module docstring)."""
+LOSS_BF16 = 1e-2
+"""Relative difference allowed between a bf16 run's per-step losses and the fp32 run's."""

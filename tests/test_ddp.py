@@ -93,3 +93,39 @@ def test_nonfinite_gradient_on_one_rank_skips_the_step_on_all_ranks():
     expected = run_distributed(train, 1, 1, 0, poison)[0]
     assert expected["skipped"] == ranks[0]["skipped"]
     assert_same_weights(ranks[0]["weights"], expected["weights"], "DDP with skipped steps")
+
+
+ANOTHER_CPU = """
+import sys, torch
+from tests.test_ddp import train
+from tests.helpers import run_distributed
+if __name__ == "__main__":
+    ranks = run_distributed(train, 2, 2)
+    torch.save({"capability": torch.backends.cpu.get_cpu_capability(), "weights": ranks[0]["weights"]}, sys.argv[1])
+"""
+
+
+def test_parity_holds_under_another_cpu_capability(tmp_path):
+    """The 2-rank run with other CPU kernels (``ATEN_CPU_CAPABILITY``: other summation orders, as
+    on another machine) against the reference computed here: still inside the parity rule."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .helpers import unavailable
+
+    here = torch.backends.cpu.get_cpu_capability()
+    other = "default" if here != "DEFAULT" else "avx2"
+    out = tmp_path / "run.pt"
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": other, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", ANOTHER_CPU, str(out)], cwd=repo, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = torch.load(out, weights_only=False)
+    if run["capability"] == here:
+        unavailable(f"this CPU offers no kernel set other than {here}")
+    assert run["capability"] == other.upper(), run["capability"]
+    assert_same_weights(run["weights"], reference(micro=1)["weights"], f"DDP under {run['capability']} vs {here}")

@@ -23,7 +23,7 @@ from fsam_dist.train.loss import count_target_tokens, seq2seq_loss_sum
 from fsam_dist.train.step import train_step
 
 from .helpers import run_distributed, split_batch, synthetic_batch, tiny_t5
-from .parity import assert_not_parity, assert_parity
+from .parity import ELEM_BF16, REL_BF16, assert_not_parity, assert_parity
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")   # inherited by the spawned ranks
 
@@ -67,6 +67,10 @@ CASES_2 = {
     # DeepSpeedZeroOptimizer's fp32 partition buffer that accumulates until step() at stage 2.
     **{f"t5-z{s}-bf16-{kind}": Case("t5", s, rho=rho, config=BF16)
        for s in (1, 2) for kind, rho in (("rho0", 0.0), ("plain", None))},
+    # FSAM (rho > 0) under bf16 at every stage, against the fp32 run; rho 0 is the control that
+    # must fail the same tolerance (a bf16 path that dropped the perturbation).
+    **{f"t5-z{s}-bf16": Case("t5", s, config=BF16) for s in (1, 2, 3)},
+    "t5-z3-bf16-rho0": Case("t5", 3, rho=0.0, config=BF16),
     # LookSAM: the reused g_v is added to the gradient the engine steps (and clips) with.
     "t5-z1-looksam": Case("t5", 1, looksam=True),
     "t5-z2-clip-looksam": Case("t5", 2, clip=1.0, looksam=True),
@@ -312,6 +316,18 @@ def test_tolerance_fails_a_run_without_the_perturbation(two_ranks):
     """Control: the parity rule has power here -- plain AdamW (rho 0) is far outside it from FSAM."""
     assert_not_parity(two_ranks[0]["t5-z2-rho0"]["weights"], two_ranks[0]["t5-z2"]["weights"],
                       make_model("t5").state_dict(), LR * STEPS, "t5-z2 rho 0 vs rho 0.05")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_fsam_stays_near_fp32_and_a_dropped_perturbation_does_not(two_ranks, stage):
+    """FSAM (rho 0.05) with bf16 weights ends within bf16's tolerance (tests/parity.py) of the fp32
+    FSAM run; the same bf16 run without the perturbation (rho 0) does not -- so a bf16 path that
+    lost the perturbation (e.g. perturbing a copy the forward does not read) fails here."""
+    start, fp32 = make_model("t5").state_dict(), two_ranks[0][f"t5-z{stage}"]["weights"]
+    assert_parity(two_ranks[0][f"t5-z{stage}-bf16"]["weights"], fp32, start, LR * STEPS,
+                  f"ZeRO-{stage} bf16 vs fp32", rel=REL_BF16, elem=ELEM_BF16)
+    assert_not_parity(two_ranks[0][f"t5-z{stage}-bf16-rho0"]["weights"], fp32, start, LR * STEPS,
+                      f"ZeRO-{stage} bf16 rho 0 vs fp32 FSAM", rel=REL_BF16, elem=ELEM_BF16)
 
 
 @pytest.mark.parametrize("name", RESUMED)
