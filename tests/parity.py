@@ -37,12 +37,17 @@ backstop against one grossly wrong entry in an otherwise right tensor; it scales
 because that is what Adam's noise amplification scales with. ν = 1e-2 says at most 1 % of an
 entry's steps may be flipped by noise: 100× the measured 9.1e-6 / (10 · 1e-2) ≈ 1e-4.
 
-**bf16.** bf16 keeps 8 significant bits: u = 2⁻⁹ ≈ 2e-3 per rounding. A bf16 forward/backward
-rounds weights, activations and gradients, so each step's update carries ~1e-2 relative noise
-(a few roundings of 2e-3 each, not averaged away over the few hundred products of one dot
-product's inputs), i.e. :data:`REL_BF16` c = 5e-2 of the distance travelled, which still fails a
-bf16 run that drops the perturbation (tested against that control in test_deepspeed.py and
-test_fsdp.py: the measured gap between ρ = 0.05 and ρ = 0 is above that).
+**bf16 against fp32** (:func:`assert_bf16_close`). bf16 keeps 8 significant bits (u = 2⁻⁹ per
+rounding, 2¹⁵ × fp32's): every gradient entry carries a noise floor 2¹⁵ times higher, so far more
+entries are noise-dominated and Adam turns each of them into ~lr updates. Per tensor the
+result is then meaningless (single layer norms end 34 % of their travel away from fp32, measured
+at ZeRO-1/2/3); over the whole model the difference is measured at 6.6-9.6 % of the distance
+travelled (DeepSpeed ZeRO-1/2/3, 2 ranks, 10 steps at lr 1e-2, ρ 0.05). The bf16 rule is on the
+whole model: ‖w − w_ref‖ ≤ :data:`REL_BF16` · ‖w_ref − w₀‖ with 0.13. A bf16 run that drops
+the perturbation (ρ = 0) ends 19-19.5 % away from the fp32 FSAM run and fails it
+(:func:`assert_bf16_not_close`, the control in test_deepspeed.py and test_fsdp.py). The margins
+are thin (1.35× and 1.46×) because at these settings the perturbation changes the trajectory
+by only about twice bf16's own noise; they are measured, not assumed.
 """
 
 from __future__ import annotations
@@ -55,8 +60,8 @@ REL = 1e-3
 """c: per-tensor ‖w − w_ref‖ / ‖w_ref − w₀‖ allowed between two fp32 runs (module docstring)."""
 ELEM = 1e-2
 """ν: element-wise |w − w_ref| allowed, as a fraction of Σ_t lr_t (module docstring)."""
-REL_BF16 = 5e-2
-"""c for a bf16 mixed-precision run against the fp32 run (module docstring)."""
+REL_BF16 = 0.13
+"""Whole-model ‖w − w_ref‖ / ‖w_ref − w₀‖ allowed between a bf16 and the fp32 run (module docstring)."""
 
 
 def parity_errors(got: dict, expected: dict, start: dict) -> dict[str, tuple[float, float, float]]:
@@ -117,7 +122,29 @@ def assert_not_parity(got: dict, expected: dict, start: dict, lr_steps: float, l
     worst = worst_relative(errors)
     print(f"{label} (control): worst ‖w − w_ref‖/‖w_ref − w₀‖ = {worst:.2e}")
     return worst
-ELEM_BF16 = 1e-1
-"""ν for a bf16 run against the fp32 run (module docstring)."""
 LOSS_BF16 = 1e-2
 """Relative difference allowed between a bf16 run's per-step losses and the fp32 run's."""
+
+
+def whole_model_relative(errors: dict[str, tuple[float, float, float]]) -> float:
+    """‖w − w_ref‖ / ‖w_ref − w₀‖ over all tensors together."""
+    dist = math.sqrt(sum(d * d for d, _, _ in errors.values()))
+    travel = math.sqrt(sum(t * t for _, t, _ in errors.values()))
+    assert travel > 0, "the reference did not move"
+    return dist / travel
+
+
+def assert_bf16_close(got: dict, expected: dict, start: dict, label: str = "") -> float:
+    """A bf16 run ended within :data:`REL_BF16` of the fp32 run ``expected`` (whole model)."""
+    ratio = whole_model_relative(parity_errors(got, expected, start))
+    assert ratio <= REL_BF16, f"{label}: ‖w − w_fp32‖ / ‖w_fp32 − w₀‖ = {ratio:.3g} > {REL_BF16}"
+    print(f"{label}: ‖w − w_fp32‖ / ‖w_fp32 − w₀‖ = {ratio:.3g}")
+    return ratio
+
+
+def assert_bf16_not_close(got: dict, expected: dict, start: dict, label: str = "") -> float:
+    """Control: a bf16 run that differs for a real reason (no perturbation) is outside :data:`REL_BF16`."""
+    ratio = whole_model_relative(parity_errors(got, expected, start))
+    assert ratio > REL_BF16, f"{label}: a run that should differ is within the bf16 tolerance ({ratio:.3g})"
+    print(f"{label} (control): ‖w − w_fp32‖ / ‖w_fp32 − w₀‖ = {ratio:.3g}")
+    return ratio
