@@ -84,3 +84,11 @@ def assert_final_close(run: Path, reference: Path, label: str = "") -> float:
     start = {k: start[k] if k in start else start[TIED] for k in common}   # a tied alias starts as shared
     return assert_parity({k: got[k] for k in common}, {k: expected[k] for k in common}, start,
                          float(config["optim"]["lr"]) * int(config["train"]["max_steps"]), label or str(run))
+
+
+def assert_final_identical(run: Path, reference: Path) -> None:
+    """``run``'s final weights equal ``reference``'s bit for bit (resume continues the same sums)."""
+    got, expected = final_weights(run), final_weights(reference)
+    assert got.keys() == expected.keys(), sorted(got.keys() ^ expected.keys())
+    differ = [k for k in expected if not got[k].equal(expected[k])]
+    assert not differ, f"{run} differs from {reference} in {differ}"
