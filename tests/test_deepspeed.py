@@ -238,7 +238,7 @@ def run_cases(rank: int, world: int, cases: dict, resumed: tuple, checkpoint_dir
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    return run_distributed(run_cases, 2, CASES_2, RESUMED, str(tmp_path_factory.mktemp("ckpt2")), timeout=600)
+    return run_distributed(run_cases, 2, CASES_2, RESUMED, str(tmp_path_factory.mktemp("ckpt2")), timeout=900)
 
 
 @pytest.fixture(scope="module")

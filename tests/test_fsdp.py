@@ -205,7 +205,7 @@ def three_rank_suite(rank: int, world: int) -> dict:
 @pytest.fixture(scope="module")
 def two_ranks():
     with tempfile.TemporaryDirectory() as out_dir:
-        return run_distributed(two_rank_suite, 2, out_dir, timeout=300)
+        return run_distributed(two_rank_suite, 2, out_dir, timeout=420)
 
 
 @pytest.fixture(scope="module")
