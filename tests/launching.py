@@ -51,14 +51,44 @@ def final_weights(output_dir: Path) -> dict:
     return load_file(str(Path(output_dir) / "final" / "model.safetensors"))
 
 
-def assert_weights_close(got: dict, expected: dict, rtol: float = 1e-5, atol: float = 1e-6) -> float:
-    """Max abs difference, after asserting every tensor is close."""
-    import torch
+def run_config(output_dir: Path) -> dict:
+    """The resolved config a run wrote into its ``output_dir``."""
+    import json
 
-    assert got.keys() == expected.keys(), (f"only in result: {sorted(got.keys() - expected.keys())}; "
-                                           f"missing: {sorted(expected.keys() - got.keys())}")
-    worst = 0.0
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=rtol, atol=atol, msg=name)
-        worst = max(worst, float((got[name].double() - expected[name].double()).abs().max()))
-    return worst
+    return json.loads((Path(output_dir) / "config.json").read_text())
+
+
+TIED = "shared.weight"
+"""T5's embedding, which ``lm_head.weight`` and the ``embed_tokens`` may alias in a saved model."""
+
+
+def assert_final_close(run: Path, reference: Path, label: str = "") -> float:
+    """``run``'s final weights equal those of the run in ``reference`` by the parity rule
+    (tests/parity.py), measured from the initial model the reference started from (its
+    ``model.name_or_path``: the common w₀), with Σ lr_t ≤ peak lr × max_steps. Returns the worst
+    relative error.
+    A tensor only one side wrote must be a tied alias of ``shared.weight`` there (saving a tied
+    embedding once or under every name is the same model)."""
+    from safetensors.torch import load_file
+
+    from .parity import assert_parity
+
+    got, expected = final_weights(run), final_weights(reference)
+    config = run_config(reference)
+    start = load_file(str(Path(config["model"]["name_or_path"]) / "model.safetensors"))
+    for name, side in [(n, expected) for n in expected.keys() - got.keys()] + \
+                      [(n, got) for n in got.keys() - expected.keys()]:
+        assert TIED in side and side[name].equal(side[TIED]), \
+            f"{name} is in only one of {run}/final and the reference, and is not a tied embedding"
+    common = sorted(expected.keys() & got.keys())
+    start = {k: start[k] if k in start else start[TIED] for k in common}   # a tied alias starts as shared
+    return assert_parity({k: got[k] for k in common}, {k: expected[k] for k in common}, start,
+                         float(config["optim"]["lr"]) * int(config["train"]["max_steps"]), label or str(run))
+
+
+def assert_final_identical(run: Path, reference: Path) -> None:
+    """``run``'s final weights equal ``reference``'s bit for bit (resume continues the same sums)."""
+    got, expected = final_weights(run), final_weights(reference)
+    assert got.keys() == expected.keys(), sorted(got.keys() ^ expected.keys())
+    differ = [k for k in expected if not got[k].equal(expected[k])]
+    assert not differ, f"{run} differs from {reference} in {differ}"

@@ -11,6 +11,7 @@ from fsam_dist.train.loss import count_target_tokens, seq2seq_loss_sum
 from fsam_dist.train.step import train_step
 
 from .helpers import run_distributed, split_batch, state, synthetic_batch, tiny_t5
+from .parity import assert_parity
 
 STEPS, GLOBAL_BATCH, LR = 12, 8, 1e-2
 FSAM_KWARGS = dict(rho=0.05, keep_ratio=0.1, mask_interval=5)
@@ -62,20 +63,17 @@ def reference(micro: int = 1, poison_at=()) -> dict:
     return run_distributed(train, 1, micro, 0, poison_at)[0]
 
 
-def assert_same_weights(got: dict, expected: dict, rtol=1e-5, atol=1e-6) -> float:
-    worst = 0.0
-    for name, w in expected.items():
-        torch.testing.assert_close(got[name], w, rtol=rtol, atol=atol, msg=name)
-        worst = max(worst, float((got[name] - w).abs().max()))
-    return worst
+def assert_same_weights(got: dict, expected: dict, label: str) -> float:
+    """The parity rule (tests/parity.py) against the common start tiny_t5(seed=0)."""
+    return assert_parity(got, expected, state(tiny_t5(seed=0)), LR * STEPS, label)
 
 
 def test_ddp_two_ranks_with_accumulation_equals_one_process():
     """2 ranks × 2 micro-batches == one process with one batch, over 12 steps with 3 mask refreshes."""
     expected = reference(micro=1)
     ranks = run_distributed(train, 2, 2)
-    for r in ranks:
-        assert_same_weights(r["weights"], expected["weights"])
+    for rank, r in enumerate(ranks):
+        assert_same_weights(r["weights"], expected["weights"], f"DDP rank {rank}")
         assert r["mask"].keys() == expected["mask"].keys()
         assert all(torch.equal(r["mask"][k], expected["mask"][k]) for k in expected["mask"])
     # the run really trained
@@ -90,8 +88,44 @@ def test_nonfinite_gradient_on_one_rank_skips_the_step_on_all_ranks():
     for r in ranks:
         assert [i for i, s in enumerate(r["skipped"]) if s] == [2, 5]
         assert r["unchanged_on_skip"] == [True, True]
-    assert_same_weights(ranks[0]["weights"], ranks[1]["weights"], rtol=0, atol=0)
+    assert all(torch.equal(w, ranks[1]["weights"][n]) for n, w in ranks[0]["weights"].items())
     # the same steps skipped on one process gives the same weights
     expected = run_distributed(train, 1, 1, 0, poison)[0]
     assert expected["skipped"] == ranks[0]["skipped"]
-    assert_same_weights(ranks[0]["weights"], expected["weights"])
+    assert_same_weights(ranks[0]["weights"], expected["weights"], "DDP with skipped steps")
+
+
+ANOTHER_CPU = """
+import sys, torch
+from tests.test_ddp import train
+from tests.helpers import run_distributed
+if __name__ == "__main__":
+    ranks = run_distributed(train, 2, 2)
+    torch.save({"capability": torch.backends.cpu.get_cpu_capability(), "weights": ranks[0]["weights"]}, sys.argv[1])
+"""
+
+
+def test_parity_holds_under_another_cpu_capability(tmp_path):
+    """The 2-rank run with other CPU kernels (``ATEN_CPU_CAPABILITY``: other summation orders, as
+    on another machine) against the reference computed here: still inside the parity rule."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .helpers import unavailable
+
+    here = torch.backends.cpu.get_cpu_capability()
+    other = "default" if here != "DEFAULT" else "avx2"
+    out = tmp_path / "run.pt"
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": other, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", ANOTHER_CPU, str(out)], cwd=repo, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = torch.load(out, weights_only=False)
+    if run["capability"] == here:
+        unavailable(f"this CPU offers no kernel set other than {here}")
+    assert run["capability"] == other.upper(), run["capability"]
+    assert_same_weights(run["weights"], reference(micro=1)["weights"], f"DDP under {run['capability']} vs {here}")

@@ -23,6 +23,7 @@ from fsam_dist.train.loss import count_target_tokens, seq2seq_loss_sum
 from fsam_dist.train.step import train_step
 
 from .helpers import run_distributed, split_batch, synthetic_batch, tiny_t5
+from .parity import assert_bf16_close, assert_bf16_not_close, assert_not_parity, assert_parity
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")   # inherited by the spawned ranks
 
@@ -66,6 +67,10 @@ CASES_2 = {
     # DeepSpeedZeroOptimizer's fp32 partition buffer that accumulates until step() at stage 2.
     **{f"t5-z{s}-bf16-{kind}": Case("t5", s, rho=rho, config=BF16)
        for s in (1, 2) for kind, rho in (("rho0", 0.0), ("plain", None))},
+    # FSAM (rho > 0) under bf16 at every stage, against the fp32 run; rho 0 is the control that
+    # must fail the same tolerance (a bf16 path that dropped the perturbation).
+    **{f"t5-z{s}-bf16": Case("t5", s, config=BF16) for s in (1, 2, 3)},
+    "t5-z3-bf16-rho0": Case("t5", 3, rho=0.0, config=BF16),
     # LookSAM: the reused g_v is added to the gradient the engine steps (and clips) with.
     "t5-z1-looksam": Case("t5", 1, looksam=True),
     "t5-z2-clip-looksam": Case("t5", 2, clip=1.0, looksam=True),
@@ -233,7 +238,7 @@ def run_cases(rank: int, world: int, cases: dict, resumed: tuple, checkpoint_dir
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    return run_distributed(run_cases, 2, CASES_2, RESUMED, str(tmp_path_factory.mktemp("ckpt2")), timeout=600)
+    return run_distributed(run_cases, 2, CASES_2, RESUMED, str(tmp_path_factory.mktemp("ckpt2")), timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -241,15 +246,10 @@ def three_ranks(tmp_path_factory):
     return run_distributed(run_cases, 3, CASES_3, (), str(tmp_path_factory.mktemp("ckpt3")), timeout=600)
 
 
-def max_abs_error(got: dict, expected: dict) -> float:
-    return max(float((got[k].double() - expected[k].double()).abs().max()) for k in expected if expected[k].numel())
-
-
-def assert_weights_close(got: dict, expected: dict, label: str) -> None:
+def assert_weights_close(got: dict, expected: dict, model: str, label: str) -> float:
+    """The parity rule (tests/parity.py) against the common start ``make_model(model)``."""
     assert got.keys() == expected.keys(), f"{label}: state_dict keys differ"
-    for k in expected:
-        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=2e-6, msg=lambda m, k=k: f"{label} {k}: {m}")
-    print(f"{label}: max |w - w_ref| = {max_abs_error(got, expected):.3g}")
+    return assert_parity(got, expected, make_model(model).state_dict(), LR * STEPS, label)
 
 
 def flat_mask(pieces_per_rank: list[list], total: int) -> torch.Tensor:
@@ -280,7 +280,7 @@ def assert_mask_equal(results: list[dict], name: str, expected: list, total: int
 def check_against_reference(results: list[dict], name: str, case: Case, world: int) -> None:
     ref = reference(case, world)
     assert all(r[name]["weights"] is None for r in results[1:])
-    assert_weights_close(results[0][name]["weights"], ref["weights"], f"{name} ({world} ranks)")
+    assert_weights_close(results[0][name]["weights"], ref["weights"], case.model, f"{name} ({world} ranks)")
     if case.rho is not None:
         total = sum(p.numel() for p in make_model(case.model).parameters() if p.requires_grad)
         assert_mask_equal(results, name, ref["mask"], total, replicated=case.stage == 0)
@@ -310,6 +310,23 @@ def test_rho_zero_is_plain_deepspeed_bit_for_bit(two_ranks, prefix):
     assert any(not torch.equal(plain[k], initial[k]) for k in plain), "the weights did not move"
     different = [k for k in plain if not torch.equal(fsam_run[k], plain[k])]
     assert not different, f"{prefix}: rho=0 FSAM differs from plain DeepSpeed AdamW in {different}"
+
+
+def test_tolerance_fails_a_run_without_the_perturbation(two_ranks):
+    """Control: the parity rule has power here -- plain AdamW (rho 0) is far outside it from FSAM."""
+    assert_not_parity(two_ranks[0]["t5-z2-rho0"]["weights"], two_ranks[0]["t5-z2"]["weights"],
+                      make_model("t5").state_dict(), LR * STEPS, "t5-z2 rho 0 vs rho 0.05")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_fsam_stays_near_fp32_and_a_dropped_perturbation_does_not(two_ranks, stage):
+    """FSAM (rho 0.05) with bf16 weights ends within bf16's tolerance (tests/parity.py) of the fp32
+    FSAM run; the same bf16 run without the perturbation (rho 0) does not -- so a bf16 path that
+    lost the perturbation (e.g. perturbing a copy the forward does not read) fails here."""
+    start, fp32 = make_model("t5").state_dict(), two_ranks[0][f"t5-z{stage}"]["weights"]
+    assert_bf16_close(two_ranks[0][f"t5-z{stage}-bf16"]["weights"], fp32, start, f"ZeRO-{stage} bf16 vs fp32")
+    assert_bf16_not_close(two_ranks[0][f"t5-z{stage}-bf16-rho0"]["weights"], fp32, start,
+                          f"ZeRO-{stage} bf16 rho 0 vs fp32 FSAM")
 
 
 @pytest.mark.parametrize("name", RESUMED)
