@@ -110,6 +110,10 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if not torch.cuda.is_available() and any("deepspeed=" in case for case in args.case):
+        from fsam_dist.shards.deepspeed import skip_cpu_shm_build
+
+        skip_cpu_shm_build()   # DeepSpeed's CPU shared-memory op serves inference only; building it takes ~1 min
     for case in args.case:
         name, _, rest = case.partition(":")
         spec = dict(item.split("=", 1) for item in rest.split(",") if item)

@@ -22,6 +22,20 @@ Under DeepSpeed, accelerate's ``DeepSpeedEngineWrapper.backward`` would call ``e
 inside the last micro-batch's backward; the Trainer's accelerator gets a wrapper that only marks
 the accumulation boundary and runs ``engine.backward`` (:class:`_EngineBackwardOnly`), and
 ``FSAMOptimizer`` drives the engine's step.
+
+Supported (tested on CPU: one process, torchrun DDP, deepspeed ZeRO-2/3): gradient accumulation,
+``max_grad_norm`` (FSAM clips the global norm of the gradient it steps with; under DeepSpeed the
+JSON's ``gradient_clipping`` must be ``"auto"`` or equal), the LR schedulers (stepped by FSAM's step,
+so not at a skipped non-finite step; ReduceLROnPlateau stays with the Trainer), bf16, dropout
+(replayed), ``save_steps``/``resume_from_checkpoint`` (each rank's FSAM state,
+``fsam_state_rank{r}-of-{world}.pt``; resume needs the same world size), callbacks, evaluation,
+custom samplers/collators/``compute_loss``. Logged next to the Trainer's ``loss`` (pass 1) and
+``grad_norm``: ``perturbed_loss``, ``sharpness``, ``perturbation_norm`` (means over the perturbed
+steps since the last log), ``mask_density``, ``skipped_steps``.
+Refused at start-up (``ValueError`` naming the field): ``optim`` values that update inside backward
+(:data:`STEPS_INSIDE_BACKWARD`), ``fp16`` (GradScaler), ``torch_compile``, several GPUs in one
+process (DataParallel), tensor/context/sequence parallelism, XLA FSDP, and FSDP on CPU (accelerate
+does not shard there). FSDP on GPUs goes through accelerate's own preparation (untested here).
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ from transformers import Seq2SeqTrainer, Trainer
 from ..config import FSAMConfig, validate
 from ..core import DEFAULT_EXCLUDE
 from ..rng import rng_state, set_rng_state
+from ..train.fsdp_setup import use_fsdp
 
 FSAM_STATE_NAME = "fsam_state_rank{rank}-of-{world}.pt"
 """The FSAM state file each rank writes into a Trainer checkpoint directory."""
@@ -135,11 +150,19 @@ def refuse_unsupported_args(args) -> None:
         raise ValueError("FSAMTrainer: fp16=True (loss scaling with a GradScaler) is not supported: the scaler "
                          "would have to unscale, check and step around both passes; use bf16=True or fp32")
     if args.torch_compile:
-        raise ValueError("FSAMTrainer: torch_compile=True is not supported (FSAM's shard adapters read the "
-                         "parameters of the uncompiled module); set torch_compile=False")
+        raise ValueError("FSAMTrainer: torch_compile=True is not supported (untested with the in-place "
+                         "perturbation between the two passes); set torch_compile=False")
     fsdp_config = getattr(args, "fsdp_config", None) or {}
     if fsdp_config.get("xla", False):
         raise ValueError("FSAMTrainer: fsdp_config.xla (PyTorch/XLA FSDP) is not supported")
+    if (args.fsdp or use_fsdp()) and not torch.cuda.is_available():
+        raise ValueError(
+            "FSAMTrainer: FSDP (--fsdp / an accelerate FSDP config) on CPU is not supported: accelerate does not "
+            "shard on CPU -- its Accelerator prepares the model as DDP (use_cpu) or runs independent, "
+            "non-distributed processes -- so the Trainer would hold no FSDP module. On CPU launch with torchrun "
+            "(DDP) or deepspeed (ZeRO-2/3 shard gradients and weights as FSDP does); for FSDP on CPU use "
+            "fsam_dist.FSAMOptimizer in your own loop (examples/custom_loop_fsdp2.py). On GPUs the FSDP2 and "
+            "FSDP1 (fsdp_use_orig_params: true) configs are prepared by accelerate and FSAM reads their shards.")
 
 
 class _FSAMTrainerMixin:
