@@ -9,7 +9,6 @@ A tiny random Llama learns a repeating-token language; load yours with
 (``same_dropout=True``), so ``rho=0`` gives exactly the plain AdamW run.
 """
 
-import argparse
 
 import torch
 from torch.distributed.fsdp import fully_shard
@@ -17,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fsam_dist
-from common import setup
+from common import arguments, setup
 
 
 def batch(step: int, rank: int, world: int, device) -> torch.Tensor:
@@ -28,10 +27,7 @@ def batch(step: int, rank: int, world: int, device) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--fsdp2", action="store_true")
-    args = parser.parse_args()
+    args = arguments("--fsdp2")
     rank, world, device = setup()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
 import torch.distributed as dist
+
+
+def arguments(*flags: str) -> argparse.Namespace:
+    """``--steps N`` (default 20) and the given boolean ``flags``."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20)
+    for flag in flags:
+        parser.add_argument(flag, action="store_true")
+    return parser.parse_args()
 
 
 def setup() -> tuple[int, int, torch.device]:

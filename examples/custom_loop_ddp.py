@@ -6,14 +6,13 @@
 A tiny random T5 learns to reverse tokens, 2 micro-batches accumulated per pass.
 """
 
-import argparse
 import contextlib
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import fsam_dist
-from common import micro_batches, reversal_batch, setup, tiny_t5
+from common import arguments, micro_batches, reversal_batch, setup, tiny_t5
 
 
 def backward_pass(model, micro, ddp: bool) -> torch.Tensor:
@@ -29,9 +28,7 @@ def backward_pass(model, micro, ddp: bool) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=20)
-    args = parser.parse_args()
+    args = arguments()
     rank, world, device = setup()
     model = tiny_t5().to(device)
     if world > 1:

@@ -6,13 +6,12 @@ Build the optimizer after ``fully_shard`` (it replaces the parameters by sharded
 FSDP1 works the same with ``FullyShardedDataParallel(model, use_orig_params=True)``.
 """
 
-import argparse
 
 import torch
 from torch.distributed.fsdp import fully_shard
 
 import fsam_dist
-from common import micro_batches, reversal_batch, setup, tiny_t5
+from common import arguments, micro_batches, reversal_batch, setup, tiny_t5
 
 
 def backward_pass(model, micro) -> torch.Tensor:
@@ -26,9 +25,7 @@ def backward_pass(model, micro) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=20)
-    args = parser.parse_args()
+    args = arguments()
     rank, world, device = setup()
     model = tiny_t5().to(device)
     for block in [m for m in model.modules() if type(m).__name__ == "T5Block"]:

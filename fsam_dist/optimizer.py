@@ -106,7 +106,7 @@ class FSAMOptimizer:
             engine None or the one given to/returned by ``deepspeed.initialize``.
         scheduler: LR scheduler stepped after every applied step (not with a DeepSpeed engine:
             pass it to ``deepspeed.initialize``, the engine steps it).
-        clip_grad_norm: global-norm clip of the gradient the base optimizer uses (0 = off). With
+        clip_grad_norm: global-norm clip of the gradient the base optimizer uses (0 or None = off). With
             DeepSpeed it must equal the config's ``gradient_clipping`` (DeepSpeed clips inside
             ``engine.step()``; its default is 1.0).
         rho, keep_ratio, mask_interval, fisher, norm, exclude, excluded_mode, adaptive, interval,
@@ -131,7 +131,7 @@ class FSAMOptimizer:
     would leave g₁ + g₂ under ZeRO-3).
     """
 
-    def __init__(self, model_or_engine, optimizer=None, *, scheduler=None, clip_grad_norm: float = 0.0,
+    def __init__(self, model_or_engine, optimizer=None, *, scheduler=None, clip_grad_norm: float | None = 0.0,
                  rho: float = 0.05, keep_ratio: float = 0.1, mask_interval: int = 100, fisher: str = "batch",
                  norm: str = "full", exclude=DEFAULT_EXCLUDE, excluded_mode: str = "dense", adaptive: bool = False,
                  interval: int = 1, reuse_direction: bool = False, reuse_alpha: float | None = None,
@@ -144,6 +144,7 @@ class FSAMOptimizer:
             raise FSAMUsageError("FSAMOptimizer: fisher='empirical' is not available in the API (it needs "
                                  "single-example passes the API does not drive); use fisher='batch', or the CLI's "
                                  "fsam.fisher: empirical")
+        clip_grad_norm = 0.0 if clip_grad_norm is None else clip_grad_norm   # None = off, as optim.clip_grad_norm
         if isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float)) \
                 or not math.isfinite(clip_grad_norm) or clip_grad_norm < 0:
             raise FSAMUsageError(f"FSAMOptimizer: clip_grad_norm must be a finite number >= 0 (0 = off), "

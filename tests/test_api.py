@@ -20,7 +20,14 @@ import pytest
 import torch
 from torch import nn
 
-from .helpers import run_distributed
+from .helpers import run_distributed, unavailable
+
+
+def needs_deepspeed() -> None:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        unavailable("DeepSpeed is not installed (pip install 'fsam-dist[deepspeed]')")
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -255,6 +262,8 @@ def misuse_ranks(rank: int, world: int) -> dict:
 # ---- tests ---------------------------------------------------------------------------------------
 
 def _parity(kinds: list[str], model_kind: str) -> dict[str, float]:
+    if any(k.startswith("z") for k in kinds):
+        needs_deepspeed()
     factory = tiny_llama if model_kind == "llm" else tiny_net
     start = {n: p.detach().clone() for n, p in factory(0).named_parameters()}
     ref = naive_fsam(factory(0), model_kind)
@@ -471,6 +480,7 @@ def test_nonfinite_pass_one_skips_without_pass_two():
 
 
 def test_misuse_errors_distributed():
+    needs_deepspeed()
     errors = run_distributed(misuse_ranks, 2, timeout=400)[0]
     assert "DistributedDataParallel" in errors["plain_module"]
     assert "use_orig_params=True" in errors["fsdp1_flat"]

@@ -1,21 +1,9 @@
 """PyTorch FSDP: FSDP1 (``FullyShardedDataParallel``, ``use_orig_params=True``) and FSDP2 (``fully_shard``).
 
-Where things live (DESIGN.md §3, §4), after a backward at the accumulation boundary:
-
-* **FSDP2** -- every parameter is a ``DTensor`` sharded on dim 0 (``Shard(0)``, torch.chunk
-  layout: rank ``r`` holds rows ``[r·c, min((r+1)·c, rows))`` with ``c = ceil(rows / world)``).
-  The local shard is ``p.to_local()`` -- a view of the storage the next all-gather reads, so an
-  in-place change is seen by the next forward -- and its gradient ``p.grad.to_local()``.
-* **FSDP1** -- each FSDP unit flattens its parameters into one ``FlatParameter`` and keeps a
-  1-D shard of it, ``flat_param._local_shard`` (fp32, also under mixed precision; the padding
-  at the end of the last rank's shard belongs to no parameter). ``flat_param._shard_param_infos[i]``
-  says which slice of that shard is original parameter ``i``
-  (``offset_in_shard``, ``numel_in_shard``) and where the slice starts inside the flattened
-  parameter (``intra_param_start_idx``): that gives each piece's global position. The sharded
-  gradient is ``handle.sharded_grad`` (``flat_param.grad``, or ``_cpu_grad`` under CPU offload);
-  the original parameters' ``p.grad`` (what the optimizer reads) are views of it.
-  ``NO_SHARD`` keeps full, replicated parameters and all-reduced gradients: the group is then
-  :data:`~fsam_dist.core.REPLICATED`.
+Where the local shards live after a backward at the accumulation boundary: :mod:`.fsdp1`
+(``FlatParameter`` shards, private internals under a version guard) and :mod:`.fsdp2`
+(``DTensor`` row blocks). ``NO_SHARD`` (FSDP1) keeps full, replicated parameters and all-reduced
+gradients: the group is then :data:`~fsam_dist.core.REPLICATED`.
 
 Both versions average gradients over ranks, so ``loss_multiplier`` is the world size. Tied
 parameters (T5's ``shared.weight`` = ``lm_head.weight`` = ``*.embed_tokens.weight``) stay one
@@ -33,7 +21,6 @@ The settings ``accelerate launch`` passes in ``FSDP_*`` variables are read by
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 from typing import Callable, Iterable
@@ -44,52 +31,15 @@ from torch import nn
 
 from ..core import DEFAULT_EXCLUDE, REPLICATED, ShardView, global_positions, global_sums, is_eligible
 from .base import Backend, LossFn
+from .fsdp1 import FSDP1Shards, clean_name, wrap_fsdp1
+from .fsdp2 import FSDP2Shards, wrap_fsdp2
 
 DEFAULT_WRAP_CLASSES = ("T5Block", "BartEncoderLayer", "BartDecoderLayer")
 """Transformer block classes wrapped as their own FSDP unit (when present in the model)."""
 
 FSDP1_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 MIXED_PRECISION = (None, "bf16")
-_FSDP1_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
-
-TESTED_TORCH = ((2, 13), (2, 13))
-"""Inclusive (major, minor) range of torch whose FSDP1 internals the adapter was checked against."""
-
-
-def check_fsdp1_internals(version: str | None = None) -> None:
-    """Raise unless torch ``version`` (default: the installed one) lies in :data:`TESTED_TORCH`
-    and has the FSDP1 internals this adapter reads without public API: ``FlatParameter``'s
-    ``_local_shard`` and ``_shard_param_infos``, and ``_runtime_utils._reshard``."""
-    from torch.distributed.fsdp import _flat_param, _runtime_utils
-
-    version = torch.__version__ if version is None else version
-    try:
-        major_minor = tuple(int(x) for x in version.split("+")[0].split(".")[:2])
-    except ValueError:
-        raise RuntimeError(f"FSDP1 adapter: cannot parse the torch version {version!r}") from None
-    low, high = TESTED_TORCH
-    missing = [name for name, ok in (("FlatParameter._local_shard", "_local_shard" in
-                                      getattr(_flat_param.FlatParameter, "__annotations__", {})),
-                                     ("FlatParameter._shard_param_infos", "_shard_param_infos" in
-                                      getattr(_flat_param.FlatParameter, "__annotations__", {})),
-                                     ("_runtime_utils._reshard", hasattr(_runtime_utils, "_reshard"))) if not ok]
-    if not low <= major_minor <= high or missing:
-        raise RuntimeError(f"the FSDP1 adapter was tested with torch {low[0]}.{low[1]} to {high[0]}.{high[1]}, found "
-                           f"{version}{'; missing: ' + ', '.join(missing) if missing else ''}: it reads FSDP1 "
-                           "internals without public API (fsam_dist/shards/fsdp.py); check them and widen "
-                           "TESTED_TORCH, or use FSDP2 (fully_shard)")
-
-
-def _clean(name: str) -> str:
-    for prefix in _FSDP1_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
-# --------------------------------------------------------------------------------------------
-# The adapter
-# --------------------------------------------------------------------------------------------
 
 def _wrap_class_set(model: nn.Module, wrap_classes: Iterable[str] | None) -> set[type]:
     present = {type(m).__name__: type(m) for m in model.modules()}
@@ -174,7 +124,7 @@ class FSDPBackend(Backend):
             raise ValueError(f"FSDPBackend: mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("FSDPBackend needs an initialised torch.distributed process group")
-        if isinstance(model, nn.Module) and any(_clean(n) != n for n, _ in model.named_parameters()):
+        if isinstance(model, nn.Module) and any(clean_name(n) != n for n, _ in model.named_parameters()):
             raise ValueError("FSDPBackend: pass the unwrapped model; it is wrapped here")
         if device is None:
             device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
@@ -195,10 +145,9 @@ class FSDPBackend(Backend):
                     moved = t.data.to(device)
                     dist.broadcast(moved, src=0)
                     t.data.copy_(moved)
-        # Names and sizes from the unwrapped module, as LocalBackend sees them.
-        numels = {id(p): p.numel() for p in model.parameters()}
-        wrapped = self._wrap_fsdp1(model, wrap) if version == 1 else self._wrap_fsdp2(model, wrap)
-        self._attach(wrapped, version, numels, exclude)
+        wrapped = (wrap_fsdp1(model, wrap, sharding_strategy, mixed_precision, cpu_offload, device) if version == 1
+                   else wrap_fsdp2(model, wrap, reshard_after_forward, mixed_precision, cpu_offload, device))
+        self._attach(wrapped, version, exclude)
         self.optimizer = optimizer_factory(ShardedParams(self.named_parameters()))
         self.scheduler = scheduler_factory(self.optimizer) if scheduler_factory is not None else None
         self._check_coverage()
@@ -226,29 +175,30 @@ class FSDPBackend(Backend):
                                  f"{FSDP1_STRATEGIES}")
             version, backend.sharding_strategy = 1, strategy.name
             backend.device = model.compute_device
-            numels = {}
-            for state in FSDP.fsdp_modules(model):
-                if state._handle is not None:
-                    fp = state._handle.flat_param
-                    numels.update({id(p): n for p, n in zip(fp._params, fp._numels)})
         elif isinstance(model, FSDPModule):
             version, backend.sharding_strategy = 2, None
             backend.device = next(model.parameters()).device
-            numels = {id(p): p.numel() for p in model.parameters()}
         else:
             raise TypeError(f"FSDPBackend.from_wrapped: {type(model).__name__} is neither an FSDP1 "
                             "FullyShardedDataParallel nor an FSDP2 fully_shard-ed module")
         backend.version, backend.mixed_precision, backend.cpu_offload = version, None, False
         backend.reshard_after_forward = True
         backend.rank, backend.world_size = dist.get_rank(), dist.get_world_size()
-        backend._attach(model, version, numels, exclude)
+        backend._attach(model, version, exclude)
         backend.optimizer, backend.scheduler = optimizer, scheduler
         backend._check_coverage()
         return backend
 
-    def _attach(self, wrapped: nn.Module, version: int, numels: dict[int, int], exclude) -> None:
+    def _attach(self, wrapped: nn.Module, version: int, exclude) -> None:
         """Index the wrapped model: canonical names (tied parameters once, under their first name
-        in ``named_parameters()``), global positions and the local shards."""
+        in ``named_parameters()``), full sizes, global positions and the local shards."""
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if version == 1:   # the original parameters are 1-D shard views: sizes from the flat parameters
+            numels = {id(p): n for state in FSDP.fsdp_modules(wrapped) if state._handle is not None
+                      for p, n in zip(state._handle.flat_param._params, state._handle.flat_param._numels)}
+        else:              # DTensors report their global size
+            numels = {id(p): p.numel() for p in wrapped.parameters()}
         self.version = version
         self.world_group = None
         self.loss_multiplier = float(self.world_size)   # FSDP1 and FSDP2 both average over ranks
@@ -257,11 +207,11 @@ class FSDPBackend(Backend):
         self._model = self.module = wrapped
         canonical_by_id: dict[int, str] = {}
         for name, p in wrapped.named_parameters():
-            canonical_by_id[id(p)] = _clean(name)
-        self._canonical = {_clean(n): canonical_by_id[id(p)]
+            canonical_by_id[id(p)] = clean_name(name)
+        self._canonical = {clean_name(n): canonical_by_id[id(p)]
                            for n, p in wrapped.named_parameters(remove_duplicate=False)}
         try:
-            self.trainable = [(_clean(n), numels[id(p)]) for n, p in wrapped.named_parameters() if p.requires_grad]
+            self.trainable = [(clean_name(n), numels[id(p)]) for n, p in wrapped.named_parameters() if p.requires_grad]
         except KeyError:
             raise RuntimeError("FSDPBackend: a trainable parameter is outside every FSDP unit (ignored modules are "
                                "not supported)") from None
@@ -279,88 +229,17 @@ class FSDPBackend(Backend):
             raise RuntimeError(f"FSDPBackend: local shards cover {int(total)} entries over all ranks, the model "
                                f"has {self.total_numel} trainable entries (shard offsets misread?)")
 
-    # ---- wrapping --------------------------------------------------------------------------
-
-    def _wrap_fsdp1(self, model: nn.Module, wrap: set[type]) -> nn.Module:
-        from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-        mp = None
-        if self.mixed_precision == "bf16":
-            mp = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)   # buffers stay fp32, as FSDP2
-        return FSDP(model, sharding_strategy=ShardingStrategy[self.sharding_strategy],
-                    auto_wrap_policy=ModuleWrapPolicy(wrap) if wrap else None, mixed_precision=mp,
-                    cpu_offload=CPUOffload(offload_params=True) if self.cpu_offload else None,
-                    use_orig_params=True, device_id=self.device)
-
-    def _wrap_fsdp2(self, model: nn.Module, wrap: set[type]) -> nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
-        kwargs: dict = {"mesh": mesh, "reshard_after_forward": self.reshard_after_forward}
-        if self.mixed_precision == "bf16":
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if self.cpu_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy()
-        if self.device.type != "cpu":
-            model.to(self.device)
-        # Children before parents (blocks do not nest in T5/BART, but other models may).
-        for module in reversed(list(model.modules())):
-            if module is not model and type(module) in wrap:
-                fully_shard(module, **kwargs)
-        fully_shard(model, **kwargs)
-        return model
-
     def _index_pieces(self) -> None:
         """Map every trainable parameter to where its local shard lives."""
         if self.version == 2:
-            from torch.distributed.tensor import DTensor, Shard
+            self.shards = FSDP2Shards(self.named_parameters(), self.positions, self.eligible, self.rank,
+                                      self.world_size)
+        else:
+            self.shards = FSDP1Shards(self._model, self._canonical, self.positions, self.eligible)
 
-            self._fsdp2_params = []
-            for name, p in self.named_parameters():
-                if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),):
-                    raise RuntimeError(f"FSDP2 parameter {name} is not a DTensor sharded on dim 0 "
-                                       f"({type(p).__name__}, {getattr(p, 'placements', None)})")
-                rows = p.shape[0] if p.dim() else 1
-                chunk = -(-rows // self.world_size)
-                start_row = min(self.rank * chunk, rows)
-                local = p.to_local()
-                row_numel = p.numel() // rows if rows else 0
-                expected_rows = max(0, min(rows, start_row + chunk) - start_row)
-                if local.numel() != expected_rows * row_numel:
-                    raise RuntimeError(f"FSDP2 parameter {name}: local shard has {local.numel()} entries, expected "
-                                       f"{expected_rows * row_numel} (torch.chunk layout)")
-                self._fsdp2_params.append((name, p, start_row * row_numel))
-            return
-
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        check_fsdp1_internals()
-        by_id = {}
-        for n, p in self._model.named_parameters(remove_duplicate=False):
-            by_id.setdefault(id(p), self._canonical[_clean(n)])
-        self._fsdp1_handles = []   # (fsdp state, handle, [(name, offset_in_shard, numel, intra_start)])
-        seen: dict[str, int] = {}
-        for state in FSDP.fsdp_modules(self._model):
-            handle = state._handle
-            if handle is None:
-                continue
-            fp = handle.flat_param
-            pieces = []
-            for p, info in zip(fp._params, fp._shard_param_infos):
-                name = by_id[id(p)]
-                seen[name] = seen.get(name, 0) + 1
-                if not p.requires_grad or name not in self.positions:
-                    continue
-                # NO_SHARD has the same metadata: one "shard" covering the whole flat parameter.
-                if info.in_shard and info.numel_in_shard:
-                    pieces.append((name, info.offset_in_shard, info.numel_in_shard, info.intra_param_start_idx))
-            self._fsdp1_handles.append((state, handle, pieces))
-        doubled = [n for n, c in seen.items() if c > 1]
-        if doubled:
-            raise RuntimeError(f"FSDP1: parameters {doubled} are held by more than one FSDP unit")
+    @property
+    def _fsdp1_handles(self) -> list:
+        return self.shards.handles
 
     # ---- what the step needs ---------------------------------------------------------------
 
@@ -375,24 +254,17 @@ class FSDPBackend(Backend):
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            out.append((self._canonical[_clean(n)], p))
+            out.append((self._canonical[clean_name(n)], p))
         return out
 
     def local_pieces(self) -> list[tuple[str, int, int]]:
         """(name, offset within the flattened parameter, numel) of every piece this rank owns."""
-        if self.version == 2:
-            return [(n, off, p.to_local().numel()) for n, p, off in self._fsdp2_params if p.to_local().numel()]
-        return [(n, intra, numel) for _, _, pieces in self._fsdp1_handles for n, _, numel, intra in pieces]
+        return self.shards.pieces()
 
     def forward_backward(self, loss_fn: LossFn, micro_batch: dict, scale: float, last: bool) -> torch.Tensor:
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in micro_batch.items()}
-        if self.version == 2:
-            # Non-boundary micro-batches accumulate unreduced gradients; the boundary one reduces.
-            self._model.set_requires_gradient_sync(last)
-            context = contextlib.nullcontext()
-        else:
-            context = contextlib.nullcontext() if last else self._model.no_sync()
-        with context, warnings.catch_warnings():
+        # Non-boundary micro-batches accumulate unreduced gradients; the boundary one reduces.
+        with self.shards.sync(self._model, last), warnings.catch_warnings():
             # T5/BART blocks return views; FSDP2 warns that an in-place op on such an output would
             # skip its pre-backward hook. These models never do that (the parity tests check).
             warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -401,50 +273,13 @@ class FSDPBackend(Backend):
         return loss_sum.detach()
 
     def views(self) -> list[ShardView]:
-        views = []
-        if self.version == 2:
-            for name, p, offset in self._fsdp2_params:
-                local = p.to_local()
-                if not local.numel():
-                    continue
-                if p.grad is None:   # unused in this batch: its gradient is zero
-                    p.grad = torch.zeros_like(p)
-                grad = p.grad.to_local()
-                views.append(ShardView(name, local.detach().view(-1), grad.view(-1),
-                                       self.positions[name] + offset, self.eligible[name]))
-            return views
-        for _, handle, pieces in self._fsdp1_handles:
-            fp = handle.flat_param
-            shard = getattr(fp, "_local_shard", None)
-            if shard is None:   # before the first forward (lazy init): the flat parameter is the shard
-                shard = fp.data
-            grad = handle.sharded_grad
-            if grad is not None and grad.numel() != shard.numel():
-                raise RuntimeError("FSDP1: gradient is not sharded; views() is only valid at an accumulation "
-                                   "boundary (after a synchronised backward)")
-            if grad is None:   # no gradient reached this unit: zero (FSDP leaves p.grad None, so the
-                grad = torch.zeros_like(shard)   # optimizer skips these parameters this step)
-            for name, offset, numel, intra in pieces:
-                views.append(ShardView(name, shard.detach()[offset:offset + numel], grad[offset:offset + numel],
-                                       self.positions[name] + intra, self.eligible[name]))
-        return views
+        return self.shards.views()
 
     def publish(self, restored: bool) -> None:
         """Free every gathered (unsharded) parameter copy, so the next forward all-gathers the
         shards as they are now. A no-op where everything is already sharded (FULL_SHARD, and
         every strategy after a synchronised backward)."""
-        if self.version == 2:
-            from torch.distributed.fsdp import FSDPModule
-
-            for module in self._model.modules():
-                if isinstance(module, FSDPModule):
-                    module.reshard()
-            return
-        from torch.distributed.fsdp._runtime_utils import _reshard
-
-        for state, handle, _ in self._fsdp1_handles:
-            if handle.uses_sharded_strategy and not handle.is_sharded(handle.flat_param):
-                _reshard(state, handle, True)
+        self.shards.publish(self._model)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,5 @@
-"""The two-pass FSAM optimizer step, the same for every backend.
+"""The CLI's optimizer step: micro-batches, the global-batch loss normalisation and the
+'empirical' Fisher, around :class:`fsam_dist.FSAMOptimizer` (the one two-pass implementation).
 
     pass 1 over the step's micro-batches → g        (all ranks agree to skip on NaN/inf)
     FSAM: refresh mask if due, w ← w + e             (fsam_dist.core)
