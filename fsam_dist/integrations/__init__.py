@@ -1,0 +1,1 @@
+"""Integrations of FSAM into other people's training loops (Hugging Face Trainer)."""
