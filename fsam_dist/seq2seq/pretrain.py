@@ -23,7 +23,7 @@ Deterministic given the settings (seeded corpus order, masks and weights; one th
 bit-identical weights). The result is cached: a directory holding ``fsam_pretrain.json`` with the
 same settings is reused, one with different settings is an error (nothing is overwritten).
 
-    python -m fsam_dist.seq2seq.pretrain --arch t5 --out .demo/pretrained-t5 [--steps 1500] [--seed 0]
+    python -m fsam_dist.seq2seq.pretrain --arch t5 --out .demo/pretrained-t5 [--steps 600] [--seed 0]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 INFO_FILE = "fsam_pretrain.json"
 DEFAULTS = dict(vocab_size=512, d_model=64, layers=2, heads=4, d_ff=256, dropout=0.1, extra_ids=32,
-                steps=1500, batch_size=64, lr=2e-3, warmup=100, max_length=48, seed=0, max_texts=None)
+                steps=600, batch_size=64, lr=3e-3, warmup=50, max_length=48, seed=0, max_texts=60_000)
 NOISE = {"t5": 0.15, "bart": 0.3}
 MEAN_SPAN = 3.0
 RESERVED_WORDS = 10_000

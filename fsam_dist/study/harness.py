@@ -54,9 +54,10 @@ class Task:
 
 
 TASKS = {
-    "g2p": Task("g2p", "builtin:cmudict", "per", True, "g2p", (500, 4000), {500: 600, 4000: 900}),
-    "text": Task("text", "builtin:django-de", "chrf", False, "translation", (200, 620), {200: 400, 620: 600},
-                 max_source_length=48, max_target_length=64, val_examples=200, test_examples=400),
+    "g2p": Task("g2p", "builtin:cmudict", "per", True, "g2p", (200, 1000), {200: 200, 1000: 300},
+                val_examples=100, test_examples=300),
+    "text": Task("text", "builtin:django-de", "chrf", False, "translation", (200, 620), {200: 200, 620: 300},
+                 max_source_length=48, max_target_length=64, val_examples=69, test_examples=300),
 }
 
 # (label, fsam section). SAM perturbs every entry (nothing excluded), as keep_ratio 1 means.
@@ -68,6 +69,8 @@ METHODS = {
     "fsam-k4": ("FSAM, fsam.interval 4", {"enabled": True, "keep_ratio": 0.1, "interval": 4, "rho": RHO}),
 }
 PAIRS = (("fsam", "sam"), ("sam", "adamw"), ("fsam", "adamw"))
+CORE = ("adamw", "sam", "fsam")
+"""Run first, every seed, so that a study stopped early has whole seeds of these."""
 
 
 @dataclass
@@ -164,28 +167,34 @@ def score_run(run_dir: Path, task: Task, n_val: int) -> dict:
 
 
 def aggregate(scores: dict, plan: Plan) -> list[dict]:
-    """Rows per (task, size): per-method summaries and paired differences (only seeds every method has)."""
+    """Rows per (task, size): each method summarised over the seeds it has; each paired difference
+    over the seeds both sides have; step times relative to AdamW's mean."""
     out = []
     for task in plan.tasks:
         for size in plan.sizes[task.name]:
             cell = {m: {seed: scores[(task.name, size, m, seed)] for seed in plan.seeds
                         if (task.name, size, m, seed) in scores} for m in plan.methods}
-            seeds = [s for s in plan.seeds if all(s in cell[m] for m in plan.methods)]
-            if not seeds:
+            cell = {m: runs for m, runs in cell.items() if runs}
+            if not cell:
                 continue
-            base_time = statistics.mean(cell["adamw"][s]["step_time"] for s in seeds) if "adamw" in cell else None
+            base_time = statistics.mean(r["step_time"] for r in cell["adamw"].values()) if "adamw" in cell else None
             methods = {}
-            for m in plan.methods:
-                runs = [cell[m][s] for s in seeds]
+            for m, by_seed in cell.items():
+                runs = list(by_seed.values())
                 methods[m] = {**summary(r["test"] for r in runs), "values": [r["test"] for r in runs],
-                              "val_mean": statistics.mean(r["val"] for r in runs),
+                              "seeds": list(by_seed), "val_mean": statistics.mean(r["val"] for r in runs),
                               "best_steps": [r["best_step"] for r in runs],
                               "step_time_ratio": (statistics.mean(r["step_time"] for r in runs) / base_time
                                                   if base_time else math.nan)}
-            diffs = {f"{a}-{b}": paired([cell[a][s]["test"] for s in seeds], [cell[b][s]["test"] for s in seeds])
-                     for a, b in PAIRS if a in cell and b in cell}
+            diffs = {}
+            for a, b in PAIRS:
+                common = [s for s in plan.seeds if s in cell.get(a, {}) and s in cell.get(b, {})]
+                if common:
+                    diffs[f"{a}-{b}"] = paired([cell[a][s]["test"] for s in common],
+                                               [cell[b][s]["test"] for s in common])
             out.append({"task": task.name, "metric": task.metric, "lower_is_better": task.lower_is_better,
-                        "size": size, "steps": plan.steps[(task.name, size)], "seeds": seeds,
+                        "size": size, "steps": plan.steps[(task.name, size)],
+                        "seeds": sorted({s for runs in cell.values() for s in runs}),
                         "methods": methods, "differences": diffs})
     return out
 
@@ -239,33 +248,41 @@ def plot(rows: list[dict], output: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------- driver
 def make_plan(args) -> Plan:
+    from ..seq2seq.pretrain import RESERVED_WORDS
+
     tasks = [TASKS[t] for t in args.tasks]
     sizes = {t.name: tuple(args.sizes) if args.sizes else t.sizes for t in tasks}
+    if "g2p" in sizes and max(sizes["g2p"]) > RESERVED_WORDS:
+        raise SystemExit(f"--sizes: g2p training sets come from the {RESERVED_WORDS} words kept out of pretraining")
     steps, every = {}, {}
     for t in tasks:
         for n in sizes[t.name]:
             steps[(t.name, n)] = args.steps or t.steps.get(n) or max(t.steps.values())
-            every[(t.name, n)] = max(1, steps[(t.name, n)] // args.evals)
+            every[(t.name, n)] = max(1, math.ceil(steps[(t.name, n)] / args.evals))
     return Plan(model=args.model, out=args.out, tasks=tasks, methods=args.methods, seeds=list(range(args.seeds)),
                 sizes=sizes, steps=steps, eval_every=every, lr=args.lr, batch_size=args.batch_size,
                 mask_interval=args.mask_interval, workers=args.workers)
 
 
 def jobs_for(plan: Plan, eval_files: dict) -> list[dict]:
-    """Every run, seed-major so that a study stopped early has whole seeds."""
+    """Every run: AdamW/SAM/FSAM first, then the other methods, seed-major within each, so that a
+    study stopped early has whole seeds of the main comparison."""
     jobs = []
-    for seed in plan.seeds:
-        for task in plan.tasks:
-            for size in plan.sizes[task.name]:
-                for method in plan.methods:
-                    run_dir = plan.out / task.name / str(size) / method / f"seed-{seed}"
-                    jobs.append({"key": [task.name, size, method, seed],
-                                 "config": run_config(plan, task, size, method, seed, eval_files[task.name][0],
-                                                      run_dir)})
+    phases = [[m for m in plan.methods if m in CORE], [m for m in plan.methods if m not in CORE]]
+    for methods in phases:
+        for seed in plan.seeds:
+            for task in plan.tasks:
+                for size in plan.sizes[task.name]:
+                    for method in methods:
+                        run_dir = plan.out / task.name / str(size) / method / f"seed-{seed}"
+                        jobs.append({"key": [task.name, size, method, seed],
+                                     "config": run_config(plan, task, size, method, seed, eval_files[task.name][0],
+                                                          run_dir)})
     return jobs
 
 
-def run_study(plan: Plan, val_examples: int | None = None, test_examples: int | None = None) -> dict:
+def run_study(plan: Plan, val_examples: int | None = None, test_examples: int | None = None,
+              train: bool = True) -> dict:
     plan.out.mkdir(parents=True, exist_ok=True)
     eval_files = {t.name: write_eval_file(t, plan.out, val_examples or t.val_examples,
                                           test_examples or t.test_examples) for t in plan.tasks}
@@ -275,12 +292,12 @@ def run_study(plan: Plan, val_examples: int | None = None, test_examples: int | 
     os.environ.update(env)
     print(f"study: {len(jobs)} runs in {plan.workers} worker process(es) -> {plan.out}", flush=True)
     done = 0
-    if plan.workers > 1:
+    if train and plan.workers > 1:
         with multiprocessing.get_context("spawn").Pool(plan.workers) as pool:
             for result in pool.imap_unordered(_run_one, jobs):
                 done += 1
                 _progress(done, len(jobs), result, start)
-    else:
+    elif train:
         for job in jobs:
             done += 1
             _progress(done, len(jobs), _run_one(job), start)
@@ -288,6 +305,8 @@ def run_study(plan: Plan, val_examples: int | None = None, test_examples: int | 
     scores = {}
     for job in jobs:
         name, size, method, seed = job["key"]
+        if not (Path(job["config"]["train"]["output_dir"]) / "final").is_dir():
+            continue
         scores[(name, size, method, seed)] = score_run(Path(job["config"]["train"]["output_dir"]), tasks[name],
                                                        eval_files[name][1])
     rows = aggregate(scores, plan)
@@ -317,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fsam_dist.study", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="a few minutes: g2p only, 500 examples, AdamW/SAM/FSAM, 2 seeds, 300 steps")
+                    help="a few minutes: g2p only, 200 examples, AdamW/SAM/FSAM, 2 seeds, 150 steps")
     ap.add_argument("--model", default=None, help="pretrained start (default: .demo/pretrained-t5, built if missing)")
     ap.add_argument("--out", type=Path, default=None, help="default runs/study (runs/study-quick with --quick)")
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=None)
@@ -325,15 +344,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (0, 1, ...)")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="training-set sizes (every task)")
     ap.add_argument("--steps", type=int, default=None, help="steps per run (default: per task and size)")
-    ap.add_argument("--evals", type=int, default=6, help="evaluations per run (the early-stopping candidates)")
+    ap.add_argument("--evals", type=int, default=3, help="evaluations per run (the early-stopping candidates)")
     ap.add_argument("--val-examples", type=int, default=None)
     ap.add_argument("--test-examples", type=int, default=None)
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: tabulate the runs of this plan that have finished")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--mask-interval", type=int, default=50)
-    ap.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    ap.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
+                    help="worker processes (one run each, one thread)")
     args = ap.parse_args(argv)
-    quick = {"tasks": ["g2p"], "methods": ["adamw", "sam", "fsam"], "seeds": 2, "sizes": [500], "steps": 300,
+    quick = {"tasks": ["g2p"], "methods": ["adamw", "sam", "fsam"], "seeds": 2, "sizes": [200], "steps": 150,
              "val_examples": 100, "test_examples": 200}
     full = {"tasks": list(TASKS), "methods": list(METHODS), "seeds": 5}
     for key, value in (quick if args.quick else full).items():
@@ -347,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = str(pretrain(REPO / ".demo" / "pretrained-t5"))
     plan = make_plan(args)
-    result = run_study(plan, args.val_examples, args.test_examples)
+    result = run_study(plan, args.val_examples, args.test_examples, train=not args.report_only)
     print("\n" + markdown(result["rows"]))
     print(f"{plan.out / 'results.md'}, {plan.out / 'results.png'}, {plan.out / 'results.json'} "
           f"({result['wall_seconds']:.0f} s)")
