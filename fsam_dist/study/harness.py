@@ -54,9 +54,9 @@ class Task:
 
 
 TASKS = {
-    "g2p": Task("g2p", "builtin:cmudict", "per", True, "g2p", (200, 1000), {200: 200, 1000: 300},
-                val_examples=100, test_examples=300),
-    "text": Task("text", "builtin:django-de", "chrf", False, "translation", (200, 620), {200: 200, 620: 300},
+    "g2p": Task("g2p", "builtin:cmudict", "per", True, "g2p", (200, 1000), {200: 150, 1000: 150},
+                val_examples=60, test_examples=200),
+    "text": Task("text", "builtin:django-de", "chrf", False, "translation", (200, 620), {200: 150, 620: 150},
                  max_source_length=48, max_target_length=64, val_examples=69, test_examples=300),
 }
 
@@ -265,19 +265,20 @@ def make_plan(args) -> Plan:
 
 
 def jobs_for(plan: Plan, eval_files: dict) -> list[dict]:
-    """Every run: AdamW/SAM/FSAM first, then the other methods, seed-major within each, so that a
-    study stopped early has whole seeds of the main comparison."""
+    """Every run, in the order that makes a study stopped early most useful: AdamW/SAM/FSAM before
+    the other methods, and within each, one (task, size) cell with all its seeds before the next."""
     jobs = []
     phases = [[m for m in plan.methods if m in CORE], [m for m in plan.methods if m not in CORE]]
+    cells = [(task, size) for task in plan.tasks for size in plan.sizes[task.name]]
+    cells.sort(key=lambda cell: plan.sizes[cell[0].name].index(cell[1]))   # every task's first size first
     for methods in phases:
-        for seed in plan.seeds:
-            for task in plan.tasks:
-                for size in plan.sizes[task.name]:
-                    for method in methods:
-                        run_dir = plan.out / task.name / str(size) / method / f"seed-{seed}"
-                        jobs.append({"key": [task.name, size, method, seed],
-                                     "config": run_config(plan, task, size, method, seed, eval_files[task.name][0],
-                                                          run_dir)})
+        for task, size in cells:
+            for seed in plan.seeds:
+                for method in methods:
+                    run_dir = plan.out / task.name / str(size) / method / f"seed-{seed}"
+                    jobs.append({"key": [task.name, size, method, seed],
+                                 "config": run_config(plan, task, size, method, seed, eval_files[task.name][0],
+                                                      run_dir)})
     return jobs
 
 
