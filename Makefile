@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch is pinned here (the CPU build on this machine's disk); the package metadata keeps a range.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,app,mpi]"
+	$(PY) -m pip install -q -e ".[test,app,mpi,deepspeed]"
 	@touch $(STAMP)
 
 install: $(STAMP)

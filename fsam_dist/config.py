@@ -210,8 +210,14 @@ class OptimConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     """Linear warm-up steps from 0 to lr."""
     clip_grad_norm: float = Field(1.0, ge=0)
-    """Clip the gradient the base optimizer uses to this global norm (0 = off). Also written into
-    the DeepSpeed config's gradient_clipping."""
+    """Clip the gradient the base optimizer uses to this global norm (0, null or None = off, as
+    Hugging Face's ``max_grad_norm``). Also written into the DeepSpeed config's gradient_clipping."""
+
+    @field_validator("clip_grad_norm", mode="before")
+    @classmethod
+    def _null_is_off(cls, value):
+        return 0.0 if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")) \
+            else value
 
 
 class BackendConfig(_Section):
@@ -252,7 +258,10 @@ class TrainConfig(_Section):
     keep_last_n: int = Field(2, ge=1)
     """Checkpoints kept; older complete ones are deleted after a newer one is complete."""
     resume: str = "auto"
-    """auto (newest complete checkpoint in output_dir, if any), none, or a checkpoint directory."""
+    """auto (newest complete checkpoint in output_dir, if any), none, or a checkpoint directory.
+    A checkpoint written with different result-changing settings (model, data, optim, fsam,
+    global batch, seed, precision; max_steps unless the schedule is constant) is refused with an
+    error naming the fields; ``force`` resumes the newest one anyway."""
     eval_every: int = Field(0, ge=0)
     """Generation-based evaluation every N steps (0 = only at the end, if eval data exists)."""
     tensorboard: bool = False

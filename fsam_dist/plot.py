@@ -39,9 +39,14 @@ def plot(run_dirs: list[Path], output: Path, metric: str | None = None, labels: 
     import matplotlib.pyplot as plt
 
     runs = [read_run(d) for d in run_dirs]
+    keys = sorted({k for _, evals in runs for e in evals for k in e if k.startswith("eval/")})
     if metric is None:
-        keys = [k for _, evals in runs for e in evals for k in e if k.startswith("eval/")]
         metric = "eval/chrf" if "eval/chrf" in keys else (keys[0] if keys else None)
+    elif metric not in keys and f"eval/{metric}" in keys:
+        metric = f"eval/{metric}"
+    elif metric not in keys:
+        raise ValueError(f"--metric {metric!r}: no run has it; the runs have "
+                         f"{', '.join(keys) if keys else 'no evaluation records'}")
     fig, axes = plt.subplots(1, 2 if metric else 1, figsize=(11 if metric else 6, 4), squeeze=False)
     for i, (run_dir, (train, evals)) in enumerate(zip(run_dirs, runs)):
         label = labels[i] if labels else Path(run_dir).name
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--labels needs one label per run")
     try:
         path = plot(args.runs, args.output, args.metric, args.labels)
-    except (FileNotFoundError, json.JSONDecodeError) as err:
+    except (FileNotFoundError, json.JSONDecodeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(path)

@@ -40,3 +40,14 @@ def test_two_rank_run_learns_and_writes_metrics_predictions_and_plot(tmp_path, t
     png = tmp_path / "compare.png"
     assert plot_main([str(out), "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_plot_names_the_metrics_the_runs_have_when_asked_for_a_missing_one(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 1, "eval/chrf": 10.0, "eval/per": 50.0}\n')
+    assert plot_main([str(run), "-o", str(tmp_path / "a.png"), "--metric", "eval/chfr"]) == 2
+    err = capsys.readouterr().err
+    assert "'eval/chfr': no run has it" in err and "eval/chrf, eval/per" in err
+    assert not (tmp_path / "a.png").exists()
+    assert plot_main([str(run), "-o", str(tmp_path / "b.png"), "--metric", "per"]) == 0   # eval/ prefix optional

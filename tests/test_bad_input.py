@@ -153,6 +153,9 @@ CASES = [
      {**TWO_RANKS, **FSDP1_ENV, "FSDP_ACTIVATION_CHECKPOINTING": "true"}, "fsdp_activation_checkpointing"),
     ("fp16-on-cpu", [_set("train.precision", "fp16")], {}, "train.precision: fp16"),
     ("resume-not-a-checkpoint", [_set("train.resume", _file("ckpt", "x"))], {}, "train.resume"),
+    # a relative path that does not exist yet (the shipped example's runs/t5-small) is not a hub id
+    ("model-path-not-made-yet", [_set("model.name_or_path", "runs/no-such-model-yet")], {},
+     "model.name_or_path: 'runs/no-such-model-yet' does not exist"),
 ]
 
 
@@ -181,9 +184,38 @@ def test_there_are_at_least_25_cases():
     assert len(CASES) >= 25
 
 
+@pytest.mark.parametrize("value", [None, "None", "null", 0])
+def test_clip_grad_norm_null_or_none_is_off(tmp_path, tiny_t5_dir, tiny_data, value):
+    """Hugging Face users write null/None for 'no clipping'."""
+    from fsam_dist.config import load_config
+
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_t5_dir, tiny_data, tmp_path / "out", optim={"clip_grad_norm": value})
+    assert load_config(cfg).optim.clip_grad_norm == 0.0
+    assert load_config(cfg, [f"optim.clip_grad_norm={value}"]).optim.clip_grad_norm == 0.0
+
+
 def test_missing_config_file_and_non_mapping_yaml(tmp_path, capsys):
     assert _main()(["--config", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml does not exist" in capsys.readouterr().err
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     assert _main()(["--config", str(tmp_path / "list.yaml")]) == 2
     assert "top level must be a mapping" in capsys.readouterr().err
+
+
+def test_deepspeed_config_without_deepspeed_installed_names_the_extra(tmp_path, tiny_t5_dir, tiny_data, capsys,
+                                                                       monkeypatch):
+    """DeepSpeed is an extra: a DDP/FSDP-only install that is given a DeepSpeed JSON gets the pip command."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_t5_dir, tiny_data, tmp_path / "out",
+                       backend={"deepspeed_config": "configs/deepspeed/zero2.json"})
+    assert _main()(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "DeepSpeed is not installed" in err and "fsam-dist[deepspeed]" in err, err
+    assert not dist.is_initialized()

@@ -104,6 +104,42 @@ def test_resume_equals_uninterrupted(single_run, tmp_path):
     assert steps == list(range(1, 11))
 
 
+@pytest.mark.slow
+def test_resume_refuses_a_checkpoint_of_a_different_run(single_run, tmp_path):
+    """Rerunning a rho sweep into the same output_dir must not continue the old run silently:
+    one error naming the differing field and the way out; train.resume=force continues it."""
+    run = tmp_path / "out"
+    shutil.copytree(single_run, run)
+    shutil.rmtree(run / "checkpoints" / "step-10")
+    shutil.rmtree(run / "final")
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["output_dir"] = str(run)
+    config["fsam"]["rho"] = 0.1
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(json.dumps(config))
+    result = launch([PYTHON, TRAIN, "--config", str(cfg)])
+    assert result.returncode == 2, result.stderr
+    assert "belongs to a different run (fsam.rho: 0.05 → 0.1)" in result.stderr
+    assert "train.resume=force" in result.stderr and not (run / "final").exists()
+    result = check(launch([PYTHON, TRAIN, "--config", str(cfg), "train.resume=force"]))
+    assert "resumed from" in result.stderr and "step-5" in result.stderr
+
+
+def test_run_fingerprint_ignores_how_the_global_batch_is_split():
+    from fsam_dist.config import Config
+    from fsam_dist.train.checkpoint import run_fingerprint
+
+    def fingerprint(world, **train):
+        cfg = Config.model_validate({"model": {"name_or_path": "m"}, "data": {"train_file": "t"}, "train": train})
+        return run_fingerprint(cfg.model_dump(), world)
+
+    base = fingerprint(2, micro_batch_size=4, grad_accum_steps=2)
+    assert fingerprint(4, micro_batch_size=2, grad_accum_steps=2) == base          # same global batch 16
+    assert fingerprint(4, micro_batch_size=4, grad_accum_steps=2) != base          # 32
+    assert fingerprint(2, micro_batch_size=4, grad_accum_steps=2, output_dir="x", save_every=3) == base
+    assert fingerprint(2, micro_batch_size=4, grad_accum_steps=2, max_steps=7) != base   # linear decay to max_steps
+
+
 @pytest.mark.parametrize("mutate,needle", [
     (lambda c: c["train"].update(max_step=3), "train.max_step: unknown key"),
     (lambda c: c["train"].update(max_steps="ten"), "train.max_steps"),

@@ -298,9 +298,11 @@ def test_load_errors_are_clear(model_dirs, tmp_path, monkeypatch):
 
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model_and_tokenizer(str(tmp_path / "no" / "such" / "dir"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="cannot be downloaded offline.*local directory"):
-        load_model_and_tokenizer("google/flan-t5-base")
+    # Hub ids and relative paths that do not exist yet fail at once, online or not, naming the fix.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("google/flan-t5-base", "runs/t5-small"):
+        with pytest.raises(ModelLoadError, match=f"'{name}' does not exist.*not downloaded.*fsam-init-model"):
+            load_model_and_tokenizer(name)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_model_and_tokenizer(str(tmp_path / "empty"))

@@ -2,13 +2,12 @@
 
 Any directory written by ``save_pretrained`` works: one made by
 :mod:`fsam_dist.seq2seq.init_model`, or a user's copy of t5-base, flan-t5-large, bart-large, ...
-Hub ids are passed through to ``from_pretrained`` only where the hub may be used (``HF_HUB_OFFLINE``
-unset); on an offline machine they fail at once with a message saying to pass a directory.
+Hub ids are never downloaded: a name that is not an existing directory fails at once with a
+message saying to pass one (or to make a small random model with ``fsam-init-model``).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -21,36 +20,22 @@ class ModelLoadError(ValueError):
     """The model or tokenizer cannot be loaded; the message says why and what to do."""
 
 
-def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def _looks_like_path(name: str) -> bool:
-    """A name a user meant as a path (absolute, ./, ../, ~, backslash, or more than one '/')."""
-    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
-            or name.endswith("/"))
-
-
 def _resolve(name_or_path: str) -> str:
+    """The local model directory; anything else is an error at once (hub ids are never
+    downloaded: on a machine without network that would retry for half a minute)."""
     path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"model path {str(path)!r} is a file; pass the directory that save_pretrained "
-                                 f"wrote (with config.json)")
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"model directory {str(path)!r} has no config.json: pass a directory written by "
-                                 f"save_pretrained, or make one with `python -m fsam_dist.seq2seq.init_model`")
-        return str(path)
-    if _looks_like_path(name_or_path):
-        raise ModelLoadError(f"model directory {name_or_path!r} does not exist")
-    if _hub_offline():
+    if not path.exists():
         raise ModelLoadError(
-            f"model {name_or_path!r} is not a local directory, and hub ids cannot be downloaded offline "
-            f"(HF_HUB_OFFLINE=1): pass the path of a local directory holding the model (config.json, weights "
-            f"and tokenizer files, as save_pretrained writes them), or build a small random one with "
-            f"`python -m fsam_dist.seq2seq.init_model --arch t5 --out DIR --train-file ...`")
-    return name_or_path  # a hub id, on a machine that may download it
+            f"{name_or_path!r} does not exist (hub ids are not downloaded): pass a local directory written by "
+            f"save_pretrained (config.json, weights and tokenizer files), or make a small random model there with "
+            f"`fsam-init-model --arch t5 --out {name_or_path} --train-file builtin:cmudict`")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {str(path)!r} is a file; pass the directory that save_pretrained "
+                             f"wrote (with config.json)")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model directory {str(path)!r} has no config.json: pass a directory written by "
+                             f"save_pretrained, or make one with `fsam-init-model`")
+    return str(path)
 
 
 def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float32):

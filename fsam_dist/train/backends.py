@@ -7,6 +7,7 @@ JSON against train.*/optim.*, the FSDP settings accelerate passed) is checked in
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -72,6 +73,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """The user's DeepSpeed JSON with batch sizes, accumulation, clipping and precision filled in
     from train.*/optim.*; a value that disagrees is an error naming both fields."""
     path = Path(cfg.backend.deepspeed_config)
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("backend.deepspeed_config: DeepSpeed is not installed; install the extra with "
+                          "`pip install 'fsam-dist[deepspeed]'` (or use backend.name ddp/fsdp)")
     if not path.is_file():
         raise ConfigError(f"backend.deepspeed_config: {path} does not exist")
     try:

@@ -97,6 +97,43 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return None
 
 
+_DATA_FIELDS = ("train_file", "source_field", "target_field", "prefix", "max_source_length", "max_target_length",
+                "shuffle", "max_train_examples")
+
+
+def run_fingerprint(config: dict, world_size: int) -> dict:
+    """The settings that change a run's result, flattened to ``section.field`` → value: the model,
+    the training data, optim.*, fsam.*, the seed, the precision, the global batch (not how it is
+    split over ranks and micro-batches) and -- unless the schedule is constant -- max_steps."""
+    config = json.loads(json.dumps(config, default=str))   # tuples → lists, as trainer.json holds them
+    train, optim = config["train"], config["optim"]
+    out = {"model.name_or_path": config["model"]["name_or_path"],
+           **{f"data.{k}": config["data"].get(k) for k in _DATA_FIELDS},
+           **{f"optim.{k}": v for k, v in optim.items()},
+           **{f"fsam.{k}": v for k, v in config["fsam"].items()},
+           "train.seed": train["seed"], "train.precision": train["precision"],
+           "global batch (train.micro_batch_size × world size × train.grad_accum_steps)":
+               train["micro_batch_size"] * world_size * train["grad_accum_steps"]}
+    if optim["scheduler"] != "constant":
+        out["train.max_steps"] = train["max_steps"]
+    return out
+
+
+def different_run(path: Path, config: dict, world_size: int) -> str | None:
+    """None if the checkpoint at ``path`` was written by a run with the same result-changing
+    settings (:func:`run_fingerprint`) as ``config`` at ``world_size``; else the differences."""
+    saved = json.loads((path / "trainer.json").read_text())
+    if "config" not in saved:
+        return "its trainer.json records no config"
+    try:
+        before = run_fingerprint(saved["config"], saved["world_size"])
+    except (KeyError, TypeError):
+        return "its trainer.json records a config this version cannot read"
+    now = run_fingerprint(config, world_size)
+    changed = [f"{k}: {before.get(k)!r} → {now.get(k)!r}" for k in now if before.get(k) != now.get(k)]
+    return "; ".join(changed) or None
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -60,7 +60,7 @@ def prepare(cfg: Config):
     if len(features) < env.world_size:
         raise ConfigError(f"data.train_file: {len(features)} usable example(s) for {env.world_size} processes; "
                           "give it more data or start fewer processes")
-    resume_from = _resume_path(cfg, Path(cfg.train.output_dir))
+    resume_from = _resume_path(cfg, Path(cfg.train.output_dir), env.world_size)
     return env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from, eval_examples
 
 
@@ -195,18 +195,27 @@ def save_final(output_dir: Path, backend, model, tokenizer, is_main: bool) -> Pa
     return final
 
 
-def _resume_path(cfg: Config, output_dir: Path) -> Path | None:
+def _resume_path(cfg: Config, output_dir: Path, world_size: int) -> Path | None:
     resume = cfg.train.resume
     if resume == "none":
         return None
-    if resume == "auto":
-        return checkpoint.latest_checkpoint(output_dir)
-    path = Path(resume)
-    if not (path / checkpoint.COMPLETE).is_file():
-        raise ConfigError(f"train.resume: {path} is not a complete checkpoint directory (no COMPLETE marker)")
-    problem = checkpoint.verify(path)
-    if problem is not None:
-        raise ConfigError(f"train.resume: checkpoint {path} is damaged: {problem}")
+    if resume in ("auto", "force"):
+        path = checkpoint.latest_checkpoint(output_dir)
+        if path is None:
+            return None
+    else:
+        path = Path(resume)
+        if not (path / checkpoint.COMPLETE).is_file():
+            raise ConfigError(f"train.resume: {path} is not a complete checkpoint directory (no COMPLETE marker)")
+        problem = checkpoint.verify(path)
+        if problem is not None:
+            raise ConfigError(f"train.resume: checkpoint {path} is damaged: {problem}")
+    if resume != "force":
+        # Never silently continue a different run (e.g. a rho sweep rerun into one output_dir).
+        difference = checkpoint.different_run(path, cfg.model_dump(), world_size)
+        if difference is not None:
+            raise ConfigError(f"train.resume: checkpoint {path} belongs to a different run ({difference}); "
+                              f"use a new train.output_dir, or train.resume=force to continue it anyway")
     return path
 
 
