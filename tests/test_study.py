@@ -1,0 +1,66 @@
+"""The generalisation study: its statistics on hand-computed numbers, early stopping on validation only, and --quick end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from fsam_dist.study.harness import TASKS, main, markdown, score_run
+from fsam_dist.study.stats import paired, summary
+
+
+def test_summary_on_hand_computed_numbers():
+    s = summary([1, 2, 3, 4, 5])
+    assert s["n"] == 5 and s["mean"] == pytest.approx(3.0)
+    assert s["std"] == pytest.approx(math.sqrt(2.5))                  # Σ(x-3)² = 10, / (n-1)
+    half = 2.776445 * math.sqrt(2.5) / math.sqrt(5)                    # t(0.975, 4) from the tables
+    assert s["half_width"] == pytest.approx(half, rel=1e-5)
+    assert (s["ci_low"], s["ci_high"]) == pytest.approx((3 - half, 3 + half), rel=1e-5)
+    one = summary([7.0])
+    assert one["mean"] == 7.0 and math.isnan(one["std"]) and math.isnan(one["half_width"])
+
+
+def test_paired_difference_on_hand_computed_numbers():
+    d = paired([2, 4, 6], [1, 2, 3])                                   # differences 1, 2, 3
+    assert d["mean"] == pytest.approx(2.0) and d["std"] == pytest.approx(1.0)
+    assert d["half_width"] == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)   # t(0.975, 2)
+    assert d["p_value"] == pytest.approx(0.07418, abs=5e-5)           # t = 2√3 on 2 degrees of freedom
+    with pytest.raises(ValueError, match="same number"):
+        paired([1, 2], [1, 2, 3])
+
+
+def _predictions(run_dir, step, rows):
+    folder = run_dir / "predictions"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"step-{step}.jsonl").write_text("".join(json.dumps({"target": t, "prediction": p}) + "\n"
+                                                       for t, p in rows))
+
+
+def test_early_stopping_looks_at_validation_only(tmp_path):
+    # 2 validation rows then 2 test rows. Step 10: validation perfect, test wrong; step 20: the reverse.
+    right, wrong = ("AA B", "AA B"), ("AA B", "K L")    # PER 0 and 100
+    _predictions(tmp_path, 10, [right, right, wrong, wrong])
+    _predictions(tmp_path, 20, [wrong, wrong, right, right])
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "step_time": 0.5}) + "\n")
+    scores = score_run(tmp_path, TASKS["g2p"], n_val=2)
+    assert scores["best_step"] == 10 and scores["val"] == 0.0 and scores["test"] == 100.0
+    assert scores["final_test"] == 0.0 and scores["step_time"] == 0.5
+
+
+def test_quick_study_end_to_end(tmp_path, tiny_t5_dir):
+    out = tmp_path / "study"
+    code = main(["--quick", "--model", tiny_t5_dir, "--out", str(out), "--steps", "4", "--evals", "2",
+                 "--sizes", "16", "--val-examples", "4", "--test-examples", "4", "--workers", "1",
+                 "--batch-size", "4"])
+    assert code == 0
+    result = json.loads((out / "results.json").read_text())
+    (row,) = result["rows"]
+    assert row["task"] == "g2p" and row["size"] == 16 and row["seeds"] == [0, 1]
+    assert set(row["methods"]) == {"adamw", "sam", "fsam"}
+    assert all(s["n"] == 2 and len(s["values"]) == 2 for s in row["methods"].values())
+    assert set(row["differences"]) == {"fsam-sam", "sam-adamw", "fsam-adamw"}
+    assert (out / "results.png").stat().st_size > 0
+    assert "FSAM (κ=0.1) − SAM (κ=1)" in (out / "results.md").read_text()
+    assert markdown(result["rows"]) == (out / "results.md").read_text()
