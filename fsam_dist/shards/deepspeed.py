@@ -226,7 +226,7 @@ class DeepSpeedBackend(Backend):
         # ZeRO-3: the gradient partitions handed out by the last views() (possibly copies), written
         # back before the step so an in-place change (LookSAM's g + α g_v) reaches the optimizer.
         self._zero3_grads: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-        self.bit16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+        self.bit16 = bool(engine.bfloat16_enabled())
 
     def at_boundary(self) -> bool:
         """Whether the last ``engine.backward`` ran at a gradient-accumulation boundary (only
