@@ -87,7 +87,7 @@ class _Quadratic(torch.nn.Module):
 
     def __init__(self, views: int, chunks_per_view: int):
         super().__init__()
-        from fsam_dist.core.masks import CHUNK
+        from fsam_dist.core.views import CHUNK
 
         g = torch.Generator().manual_seed(0)
         n = chunks_per_view * CHUNK
@@ -113,7 +113,7 @@ def count_step_syncs(*, views: int, chunks_per_view: int, micro_batches: int, de
     from fsam_dist.shards.local import LocalBackend
     from fsam_dist.train.step import train_step
 
-    from fsam_dist.core.masks import CHUNK
+    from fsam_dist.core.views import CHUNK
 
     torch.manual_seed(0)
     model = _Quadratic(views, chunks_per_view).to(device)
