@@ -360,7 +360,7 @@ class FSAMOptimizer:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         return {"step_count": self.step_count, "rank": rank, "world_size": world,
-                "fsam": None if self.fsam is None else _to_device(self.fsam.state_dict(), torch.device("cpu"))}
+                "fsam": None if self.fsam is None else moved_to(self.fsam.state_dict(), torch.device("cpu"))}
 
     def load_state_dict(self, state: dict) -> None:
         """Load :meth:`state_dict` output saved by the same rank of a run with the same world size."""
@@ -375,14 +375,15 @@ class FSAMOptimizer:
         self.step_count = int(state["step_count"])
         if self.fsam is not None and state["fsam"] is not None:
             device = next(self.backend.model.parameters()).device
-            self.fsam.load_state_dict(_to_device(state["fsam"], device))
+            self.fsam.load_state_dict(moved_to(state["fsam"], device))
 
 
-def _to_device(obj, device: torch.device):
+def moved_to(obj, device: torch.device | str = "cpu"):
+    """``obj`` (nested dicts, lists, tuples) with every tensor moved to ``device``."""
     if torch.is_tensor(obj):
         return obj.to(device)
     if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
+        return {k: moved_to(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
+        return type(obj)(moved_to(v, device) for v in obj)
     return obj

@@ -53,12 +53,12 @@ def test_saved_fsam_state_is_on_cpu_and_loaded_with_map_location(tmp_path, monke
     state = fsam.state_dict()
     assert len(list(_tensors(state))) > 2, "the FSAM state holds mask and LookSAM tensors"
     # every tensor of a nested state is moved (to 'meta' here: the only other device a CPU has)
-    moved = checkpoint._moved({"a": [torch.ones(2)], "b": (torch.zeros(1), 3)}, "meta")
+    moved = checkpoint.moved_to({"a": [torch.ones(2)], "b": (torch.zeros(1), 3)}, "meta")
     assert [t.device.type for t in _tensors(moved)] == ["meta", "meta"] and moved["b"][1] == 3
 
     routed = []
-    real_moved = checkpoint._moved
-    monkeypatch.setattr(checkpoint, "_moved", lambda tree, device="cpu": (
+    real_moved = checkpoint.moved_to
+    monkeypatch.setattr(checkpoint, "moved_to", lambda tree, device="cpu": (
         routed.append(device) if isinstance(tree, dict) and "mask_step" in tree else None) or real_moved(tree, device))
     path = checkpoint.save(tmp_path, 3, backend, fsam, {"step": 3, "world_size": 1, "backend": "single",
                                                        "config": {}}, 0, keep_last_n=2)

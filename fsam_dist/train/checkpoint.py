@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ..optimizer import moved_to
 from ..rng import rng_state, set_rng_state
 from . import distributed
 
@@ -163,7 +164,7 @@ def save(output_dir: str | Path, step: int, backend, fsam, trainer_state: dict, 
     distributed.host_barrier()
     backend.save_state(tmp / "backend")
     # On the CPU: a rank file loads on any machine, and never onto another rank's GPU.
-    rank_state = {"fsam": _moved(fsam.state_dict()) if fsam is not None else None, "rng": rng_state()}
+    rank_state = {"fsam": moved_to(fsam.state_dict()) if fsam is not None else None, "rng": rng_state()}
     torch.save(rank_state, tmp / f"rank-{rank}.pt")
     if hook is not None:
         hook(step, "written", tmp)
@@ -187,17 +188,6 @@ def save(output_dir: str | Path, step: int, backend, fsam, trainer_state: dict, 
             _rotate(output_dir, final, keep_last_n)
     distributed.host_barrier()   # rank 0 hashed every file above: a wait on the host, not on NCCL
     return final
-
-
-def _moved(state, device: torch.device | str = "cpu"):
-    """``state`` (nested dicts, lists, tuples) with every tensor moved to ``device``."""
-    if isinstance(state, torch.Tensor):
-        return state.to(device)
-    if isinstance(state, dict):
-        return {k: _moved(v, device) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_moved(v, device) for v in state)
-    return state
 
 
 def _state_device(backend) -> torch.device:
@@ -244,7 +234,7 @@ def load(path: Path, backend, fsam, rank: int, world_size: int, backend_name: st
     # would load onto cuda:0). The FSAM state then goes to this rank's device.
     rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
     if fsam is not None and rank_state["fsam"] is not None:
-        fsam.load_state_dict(_moved(rank_state["fsam"], _state_device(backend)))
+        fsam.load_state_dict(moved_to(rank_state["fsam"], _state_device(backend)))
     if saved_world == world_size:
         set_rng_state(rank_state["rng"])
     return trainer_state
