@@ -52,7 +52,7 @@ from transformers import Seq2SeqTrainer, Trainer
 from ..config import FSAMConfig, validate
 from ..core import DEFAULT_EXCLUDE
 from ..rng import rng_state, set_rng_state
-from ..train.fsdp_setup import use_fsdp
+from ..train.fsdp_setup import FSDPSettings, fsdp_settings_from_env, shard_model, use_fsdp
 
 FSAM_STATE_NAME = "fsam_state_rank{rank}-of-{world}.pt"
 """The FSAM state file each rank writes into a Trainer checkpoint directory."""
@@ -155,14 +155,62 @@ def refuse_unsupported_args(args) -> None:
     fsdp_config = getattr(args, "fsdp_config", None) or {}
     if fsdp_config.get("xla", False):
         raise ValueError("FSAMTrainer: fsdp_config.xla (PyTorch/XLA FSDP) is not supported")
-    if (args.fsdp or use_fsdp()) and not torch.cuda.is_available():
-        raise ValueError(
-            "FSAMTrainer: FSDP (--fsdp / an accelerate FSDP config) on CPU is not supported: accelerate does not "
-            "shard on CPU -- its Accelerator prepares the model as DDP (use_cpu) or runs independent, "
-            "non-distributed processes -- so the Trainer would hold no FSDP module. On CPU launch with torchrun "
-            "(DDP) or deepspeed (ZeRO-2/3 shard gradients and weights as FSDP does); for FSDP on CPU use "
-            "fsam_dist.FSAMOptimizer in your own loop (examples/custom_loop_fsdp2.py). On GPUs the FSDP2 and "
-            "FSDP1 (fsdp_use_orig_params: true) configs are prepared by accelerate and FSAM reads their shards.")
+
+
+def _shard_on_cpu(accelerator) -> bool:
+    """Turn a CPU run whose accelerator was given an FSDP plugin (``accelerate launch`` with an FSDP
+    config, or ``--fsdp``) into an FSDP run. accelerate 1.x selects FSDP only on accelerators
+    (``AcceleratorState`` keeps ``MULTI_CPU``, which the Trainer would prepare as DDP); FSDP itself
+    (``fully_shard`` / ``FullyShardedDataParallel`` over gloo), accelerate's ``no_sync`` and the
+    Trainer's FSDP checkpoints (``save_fsdp_model`` / DCP) work on CPU, so the shared accelerate
+    state is switched to ``DistributedType.FSDP`` with that plugin before anything is prepared.
+    Returns whether it switched."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or not use_fsdp():
+        return False
+    plugin = FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["fsdp_plugin"] = plugin
+    return True
+
+
+def fsdp_settings_from_plugin(plugin, mixed_precision: str) -> FSDPSettings:
+    """The :class:`~fsam_dist.train.fsdp_setup.FSDPSettings` an accelerate FSDP plugin describes
+    (built by accelerate from the launcher's ``FSDP_*`` variables, or by the Trainer from ``--fsdp``
+    / ``fsdp_config``), checked by the same rules as the CLI's (an unsupported setting is a
+    ``ValueError`` naming its yaml key)."""
+    version = int(plugin.fsdp_version)
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": str(version), "ACCELERATE_MIXED_PRECISION": mixed_precision,
+           "FSDP_STATE_DICT_TYPE": getattr(plugin.state_dict_type, "name", str(plugin.state_dict_type or ""))}
+    if version == 2:
+        env["FSDP_RESHARD_AFTER_FORWARD"] = str(bool(plugin.reshard_after_forward)).lower()
+    else:
+        strategy = plugin.sharding_strategy
+        env["FSDP_SHARDING_STRATEGY"] = getattr(strategy, "name", str(strategy or "FULL_SHARD"))
+        env["FSDP_USE_ORIG_PARAMS"] = str(bool(plugin.use_orig_params)).lower()
+        env["FSDP_SYNC_MODULE_STATES"] = str(bool(plugin.sync_module_states)).lower()
+    policy = plugin.auto_wrap_policy
+    name = getattr(getattr(policy, "func", policy), "__name__", str(policy or ""))
+    if name in ("transformer_auto_wrap_policy", "", "None", "TRANSFORMER_BASED_WRAP"):
+        env["FSDP_AUTO_WRAP_POLICY"] = "TRANSFORMER_BASED_WRAP"
+        env["FSDP_TRANSFORMER_CLS_TO_WRAP"] = ",".join(plugin.transformer_cls_names_to_wrap or [])
+    elif name == "NO_WRAP":
+        env["FSDP_AUTO_WRAP_POLICY"] = "NO_WRAP"
+    else:
+        env["FSDP_AUTO_WRAP_POLICY"] = "SIZE_BASED_WRAP" if "size" in name.lower() else name
+    offload = plugin.cpu_offload
+    offloaded = type(offload).__name__ == "CPUOffloadPolicy" or bool(getattr(offload, "offload_params", False))
+    env["FSDP_OFFLOAD_PARAMS"] = str(offloaded).lower()
+    env["FSDP_ACTIVATION_CHECKPOINTING"] = str(bool(plugin.activation_checkpointing)).lower()
+    env["FSDP_CPU_RAM_EFFICIENT_LOADING"] = str(bool(plugin.cpu_ram_efficient_loading)).lower()
+    env["FSDP_IGNORED_MODULES"] = "x" if plugin.ignored_modules else ""
+    return fsdp_settings_from_env(env)
 
 
 class _FSAMTrainerMixin:
@@ -195,6 +243,14 @@ class _FSAMTrainerMixin:
             raise ValueError("FSAMTrainer: tensor, context or sequence parallelism (parallelism_config) is not "
                              "supported: FSAM's global norms and top-k assume data-parallel ranks")
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if _shard_on_cpu(self.accelerator):
+            self.is_fsdp_enabled = True
+            if self.args.save_only_model and "SHARDED_STATE_DICT" in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+                raise ValueError("save_only_model option is not compatible with FSDP state dict type "
+                                 "'SHARDED_STATE_DICT'")   # the Trainer's own check, made before the switch
+
     # ---- set-up around the Trainer's own preparation ------------------------------------------
 
     def train(self, *args, **kwargs):
@@ -206,9 +262,31 @@ class _FSAMTrainerMixin:
             self.lr_scheduler = _unwrap_stepped(self.lr_scheduler)
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        if self.is_fsdp_enabled:
+            self._shard_model()
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         self._attach_fsam(model, resume_from_checkpoint)
         return model, train_dataloader
+
+    def _shard_model(self) -> None:
+        """Wrap the model with FSDP here, as the plugin says (:func:`fsdp_settings_from_plugin`),
+        before the Trainer creates the optimizer and accelerate prepares it (which then keeps the
+        wrapping). accelerate's own FSDP2 wrapping puts the input embedding in a separate unit and
+        so unties T5-style tied embeddings (``encoder.embed_tokens`` gets its own parameter, held by
+        no optimizer); :func:`fsam_dist.train.fsdp_setup.shard_model` keeps tied parameters one."""
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if isinstance(self.model, (FSDP, FSDPModule)):
+            return
+        if _unwrap_stepped(self.optimizer) is not None:
+            raise ValueError("FSAMTrainer with FSDP: the optimizer must be built on the sharded parameters; pass "
+                             "optimizer_cls_and_kwargs (or TrainingArguments.optim) instead of optimizers=(...)")
+        plugin = self.accelerator.state.fsdp_plugin
+        settings = fsdp_settings_from_plugin(plugin, self.accelerator.mixed_precision)
+        plugin.set_auto_wrap_policy(self.model)   # resolved on the unwrapped classes (FSDP2 renames them)
+        wrapped = shard_model(self.model, settings, self.accelerator.device)
+        self.model = self.model_wrapped = wrapped
 
     def _attach_fsam(self, model, resume_from_checkpoint) -> None:
         """Build the :class:`fsam_dist.FSAMOptimizer` over what the Trainer prepared (the DeepSpeed
@@ -335,13 +413,24 @@ class _FSAMTrainerMixin:
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """The Trainer's optimizer/scheduler files, plus this rank's FSAM state (its mask shards and
         step counter, CPU tensors) as :data:`FSAM_STATE_NAME`, written atomically."""
-        super()._save_optimizer_and_scheduler(output_dir)
+        with self._unstepped():   # FSDP's get_optimizer_state_dict needs the torch optimizer itself
+            super()._save_optimizer_and_scheduler(output_dir)
         if self.fsam is None:
             return
         path = self._fsam_state_path(output_dir)
         os.makedirs(output_dir, exist_ok=True)
         torch.save(self.fsam.state_dict(), f"{path}.tmp")
         os.replace(f"{path}.tmp", path)
+
+    @contextlib.contextmanager
+    def _unstepped(self):
+        """The Trainer's own optimizer and scheduler objects in place of the no-op-step handles."""
+        handles = self.optimizer, self.lr_scheduler
+        self.optimizer, self.lr_scheduler = _unwrap_stepped(self.optimizer), _unwrap_stepped(self.lr_scheduler)
+        try:
+            yield
+        finally:
+            self.optimizer, self.lr_scheduler = handles
 
     def _fsam_state_path(self, checkpoint: str) -> str:
         return os.path.join(checkpoint, FSAM_STATE_NAME.format(rank=self.args.process_index,

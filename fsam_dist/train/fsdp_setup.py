@@ -198,3 +198,31 @@ def fsdp_backend(model: nn.Module, settings: FSDPSettings | None = None, *,
         kwargs["mixed_precision"] = wanted
     return FSDPBackend(model, optimizer_factory=optimizer_factory, scheduler_factory=scheduler_factory,
                exclude=exclude, device=device, **kwargs)
+
+
+def shard_model(model: nn.Module, settings: FSDPSettings, device: torch.device) -> nn.Module:
+    """Wrap ``model`` with FSDP as ``settings`` say (blocks as their own units, then the root; tied
+    parameters stay one parameter) without building an adapter: for a training loop that builds
+    its optimizer on the result itself (the Hugging Face Trainer). FSDP2 shards in place and
+    returns ``model``; FSDP1 returns the ``FullyShardedDataParallel`` root."""
+    from ..shards.fsdp import _wrap_class_set
+    from ..shards.fsdp1 import wrap_fsdp1
+    from ..shards.fsdp2 import wrap_fsdp2
+
+    if settings.cpu_offload and device.type == "cpu":
+        raise ValueError("accelerate config: fsdp_offload_params: true needs a GPU compute device (on CPU there is "
+                         "nothing to offload from); set it to false")
+    wrap = _wrap_class_set(model, settings.wrap_classes)
+    if settings.version == 1:
+        if settings.sync_module_states:
+            import torch.distributed as dist
+
+            with torch.no_grad():
+                for t in list(model.parameters()) + list(model.buffers()):
+                    moved = t.data.to(device)
+                    dist.broadcast(moved, src=0)
+                    t.data.copy_(moved)
+        return wrap_fsdp1(model, wrap, settings.sharding_strategy, settings.mixed_precision, settings.cpu_offload,
+                          device)
+    return wrap_fsdp2(model, wrap, settings.reshard_after_forward, settings.mixed_precision, settings.cpu_offload,
+                      device)
