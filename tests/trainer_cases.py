@@ -62,11 +62,16 @@ def full_weights(trainer) -> dict[str, torch.Tensor] | None:
         from deepspeed.utils import safe_get_full_fp32_param
 
         full = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in model.module.named_parameters()}
-    else:
-        from torch.distributed.tensor import DTensor
+    elif trainer.is_fsdp_enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-                for n, p in trainer.accelerator.unwrap_model(model).named_parameters()}
+        from fsam_dist.shards.fsdp1 import clean_name
+
+        names = {clean_name(n) for n, _ in model.named_parameters()}   # each tied parameter once
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        full = {n: t.detach().clone() for n, t in state.items() if n in names}
+    else:
+        full = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(model).named_parameters()}
     return full if trainer.args.process_index == 0 else None
 
 

@@ -285,7 +285,8 @@ class _FSAMTrainerMixin:
         plugin = self.accelerator.state.fsdp_plugin
         settings = fsdp_settings_from_plugin(plugin, self.accelerator.mixed_precision)
         plugin.set_auto_wrap_policy(self.model)   # resolved on the unwrapped classes (FSDP2 renames them)
-        wrapped = shard_model(self.model, settings, self.accelerator.device)
+        device = self.accelerator.device
+        wrapped = shard_model(self.model, settings, torch.device("cpu") if device.type == "cpu" else device)
         self.model = self.model_wrapped = wrapped
 
     def _attach_fsam(self, model, resume_from_checkpoint) -> None:
@@ -421,6 +422,21 @@ class _FSAMTrainerMixin:
         os.makedirs(output_dir, exist_ok=True)
         torch.save(self.fsam.state_dict(), f"{path}.tmp")
         os.replace(f"{path}.tmp", path)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """The Trainer's own loading; under FSDP1 the optimizer's state is created first. accelerate
+        reads a sharded FSDP1 optimizer checkpoint into the template ``FSDP.optim_state_dict``
+        gives, which is empty for an optimizer that has not stepped yet, so the Adam moments
+        would silently not be restored; torch's ``get_optimizer_state_dict`` initialises them
+        (zeros, without moving the weights)."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if checkpoint is not None and self.is_fsdp_enabled and plugin.fsdp_version == 1:
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            optimizer = _unwrap_stepped(self.optimizer)
+            get_optimizer_state_dict(self.model_wrapped, getattr(optimizer, "optimizer", optimizer))
+        with self._unstepped():
+            super()._load_optimizer_and_scheduler(checkpoint)
 
     @contextlib.contextmanager
     def _unstepped(self):
