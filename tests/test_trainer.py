@@ -1,6 +1,8 @@
 """``FSAMSeq2SeqTrainer`` (Hugging Face Trainer integration) launched for real: one process,
-``torchrun`` (DDP) and ``deepspeed --num_gpus 2`` (ZeRO-2, ZeRO-3), 2 gloo ranks on CPU, gradient
-accumulation 2, a mask refresh every 2 steps inside a 6-step run.
+``torchrun`` (DDP), ``deepspeed --num_gpus 2`` (ZeRO-2, ZeRO-3) and ``accelerate launch`` with an
+FSDP2 / FSDP1 config, 2 gloo ranks on CPU, gradient accumulation 2, a mask refresh every 2 steps
+inside a 4-step run (refreshes at steps 0 and 2; the checkpoint of step 3 carries the mask of step 2,
+which the resumed step 3 uses).
 
 * the final weights equal the one-process FSAM Trainer run (same global batch), per tensor
   by the suite's parity rule (``tests/parity.py``; the control: FSAM vs its ρ = 0 run breaks it);
@@ -8,8 +10,10 @@ accumulation 2, a mask refresh every 2 steps inside a 6-step run.
 * ρ = 0 is the plain ``Seq2SeqTrainer`` bit for bit (also with dropout, one process);
 * FSAM's figures are in the Trainer's log history; refused Trainer features fail at start-up.
 
-Several Trainer runs share one launch (tests/trainer_cases.py) to keep the launcher and import
-costs (5-11 s, ~8 s) down.
+Cost: each launcher is started once; its launch runs every case it is checked on (the run that
+saves the checkpoint, the resume from it, plain / ρ = 0) one after the other
+(tests/trainer_cases.py), so the launcher and import costs (5-11 s, ~8 s) are paid once per
+launcher; the one-process references are computed once per module.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from .launching import BIN, PYTHON, check, launch
 from .parity import assert_not_parity, assert_parity
 
 CASES = "tests/trainer_cases.py"
-LR_STEPS = 0.01 * 6
-"""Σ lr_t of the cases (trainer_cases.py: lr 0.01 constant, 6 steps): the parity rule's element-wise scale."""
+STEPS, SAVE = 4, 3
+LR_STEPS = 0.01 * STEPS
+"""Σ lr_t of the cases (trainer_cases.py: lr 0.01 constant, 4 steps): the parity rule's element-wise scale."""
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +85,7 @@ def test_one_process_rho0_is_the_plain_trainer_and_metrics_are_logged(single, mo
     start = start_weights(models["t5"])
     assert_not_parity(weights(single, "fsam"), weights(single, "rho0"), start, LR_STEPS, "FSAM vs rho 0")
     steps = [h for h in history(single, "fsam") if "loss" in h]
-    assert [h["step"] for h in steps] == [1, 2, 3, 4, 5, 6]
+    assert [h["step"] for h in steps] == list(range(1, STEPS + 1))
     for h in steps:
         assert h["perturbed_loss"] > 0 and h["perturbation_norm"] > 0 and h["skipped_steps"] == 0
         assert h["sharpness"] == pytest.approx(h["perturbed_loss"] - h["loss"], abs=1e-4)
@@ -97,14 +102,14 @@ def _parity(out: Path, single: Path, models, case: str, reference: str = "fsam")
 def test_torchrun_ddp_equals_one_process_resume_and_rho0(single, models, tmp_path):
     out = tmp_path / "ddp"
     run_cases([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())], out, models["t5"],
-              "fsam:save_steps=3", f"resume:resume={out / 'fsam' / 'checkpoint-3'}", "plain:trainer=plain",
+              f"fsam:save_steps={SAVE}", f"resume:resume={out / 'fsam' / f'checkpoint-{SAVE}'}", "plain:trainer=plain",
               "rho0:rho=0")
     figure = _parity(out, single, models, "fsam")
     resumed = assert_parity(weights(out, "resume"), weights(out, "fsam"), start_weights(models["t5"]), LR_STEPS, "resume")
     print(f"FSAMSeq2SeqTrainer torchrun DDP 2 ranks vs one process: {figure:.1e}; resumed vs uninterrupted: "
           f"{resumed:.1e} (bitwise: {bitwise(weights(out, 'resume'), weights(out, 'fsam'))})")
     assert bitwise(weights(out, "rho0"), weights(out, "plain"))
-    assert sorted(p.name for p in (out / "fsam" / "checkpoint-3").glob("fsam_state_*")) == \
+    assert sorted(p.name for p in (out / "fsam" / f"checkpoint-{SAVE}").glob("fsam_state_*")) == \
         ["fsam_state_rank0-of-2.pt", "fsam_state_rank1-of-2.pt"]
 
 
@@ -141,7 +146,7 @@ def test_deepspeed_zero2_equals_one_process_and_rho0_is_plain(single, models, de
 def test_deepspeed_zero3_equals_one_process_and_resumes(single, models, deepspeed_configs, tmp_path):
     out, ds = tmp_path / "z3", deepspeed_configs[3]
     run_cases([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())], out, models["t5"],
-              f"fsam:deepspeed={ds},save_steps=3", f"resume:deepspeed={ds},resume={out / 'fsam' / 'checkpoint-3'}")
+              f"fsam:deepspeed={ds},save_steps={SAVE}", f"resume:deepspeed={ds},resume={out / 'fsam' / f'checkpoint-{SAVE}'}")
     figure = _parity(out, single, models, "fsam")
     resumed = assert_parity(weights(out, "resume"), weights(out, "fsam"), start_weights(models["t5"]), LR_STEPS, "resume")
     print(f"FSAMSeq2SeqTrainer deepspeed ZeRO-3 2 ranks vs one process: {figure:.1e}; resumed vs uninterrupted: "
@@ -165,19 +170,84 @@ def test_refused_trainer_feature_is_a_start_up_error(models, tmp_path, field, va
                            fsam_args=FSAMArguments())
 
 
-def test_fsdp_on_cpu_is_a_start_up_error(models, tmp_path, monkeypatch):
-    """accelerate does not shard on CPU: an accelerate FSDP launch is refused, not run as DDP."""
-    from transformers import Seq2SeqTrainingArguments, T5ForConditionalGeneration
+FSDP_CONFIG = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "FSDP", "num_machines": 1,
+               "num_processes": 2, "machine_rank": 0, "mixed_precision": "no", "rdzv_backend": "static",
+               "same_network": True, "use_cpu": False}
+FSDP_SETTINGS = {
+    2: {"fsdp_version": 2, "fsdp_reshard_after_forward": True, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_transformer_layer_cls_to_wrap": "T5Block", "fsdp_offload_params": False,
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": False,
+        "fsdp_activation_checkpointing": False},
+    1: {"fsdp_version": 1, "fsdp_sharding_strategy": "FULL_SHARD", "fsdp_use_orig_params": True,
+        "fsdp_sync_module_states": False, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_transformer_layer_cls_to_wrap": "T5Block", "fsdp_offload_params": False,
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": False,
+        "fsdp_activation_checkpointing": False},
+}
+"""The accelerate FSDP configs the test writes (the shape of configs/accelerate/fsdp{1,2}.yaml; the
+README's launch command uses those)."""
 
-    from fsam_dist.integrations.transformers import FSAMArguments, FSAMSeq2SeqTrainer
 
-    if torch.cuda.is_available():
-        pytest.skip("the refusal is for CPU-only machines")
-    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ValueError, match="FSDP .* on CPU is not supported"):
-        FSAMSeq2SeqTrainer(model=T5ForConditionalGeneration.from_pretrained(models["t5"]), args=args,
-                           fsam_args=FSAMArguments())
+@pytest.mark.parametrize("version", [2, 1])
+def test_accelerate_fsdp_equals_one_process_and_resumes(single, models, tmp_path, version):
+    """accelerate launch with an FSDP config: the Trainer's model is sharded (FSDP2 fully_shard /
+    FSDP1 use_orig_params), its checkpoints are accelerate's sharded FSDP ones (DCP) plus FSAM's
+    per-rank state. (No ρ = 0 check here: on CPU the plain Trainer cannot shard -- it runs an FSDP
+    config as DDP -- so there is no plain FSDP run to compare with bit for bit.)"""
+    import yaml
+
+    config = tmp_path / f"fsdp{version}.yaml"
+    config.write_text(yaml.safe_dump({**FSDP_CONFIG, "main_process_port": free_port(),
+                                      "fsdp_config": FSDP_SETTINGS[version]}))
+    out = tmp_path / f"fsdp{version}"
+    run_cases([str(BIN / "accelerate"), "launch", "--config_file", str(config)], out, models["t5"],
+              f"fsam:save_steps={SAVE}", f"resume:resume={out / 'fsam' / f'checkpoint-{SAVE}'}")
+    checkpoint = out / "fsam" / f"checkpoint-{SAVE}"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
+    assert sorted(p.name for p in checkpoint.glob("fsam_state_*")) == \
+        ["fsam_state_rank0-of-2.pt", "fsam_state_rank1-of-2.pt"]
+    figure = _parity(out, single, models, "fsam")
+    resumed = assert_parity(weights(out, "resume"), weights(out, "fsam"), start_weights(models["t5"]), LR_STEPS, "resume")
+    print(f"FSAMSeq2SeqTrainer accelerate FSDP{version} 2 ranks vs one process: {figure:.1e}; resumed vs "
+          f"uninterrupted: {resumed:.1e} (bitwise: {bitwise(weights(out, 'resume'), weights(out, 'fsam'))})")
+    logged = [h for h in history(out, "fsam") if "loss" in h]
+    assert [h["step"] for h in logged] == list(range(1, STEPS + 1))
+    assert all(h["perturbed_loss"] > 0 and h["mask_density"] == pytest.approx(0.1, abs=0.01) for h in logged)
+
+
+@pytest.mark.parametrize("settings, needle", [
+    ({"activation_checkpointing": True}, "fsdp_activation_checkpointing: true is not supported"),
+    ({"cpu_ram_efficient_loading": True, "sync_module_states": False}, "fsdp_cpu_ram_efficient_loading: true"),
+    ({"fsdp_version": 1, "use_orig_params": False}, "fsdp_use_orig_params must be true"),
+    ({"auto_wrap_policy": "SIZE_BASED_WRAP", "min_num_params": 10}, "fsdp_auto_wrap_policy=SIZE_BASED_WRAP"),
+])
+def test_unsupported_fsdp_setting_is_named(settings, needle, monkeypatch):
+    """What the Trainer's FSDP plugin holds (from an accelerate config or --fsdp) is checked by the
+    CLI's FSDP rules when the FSAMTrainer is built: an unsupported setting names its yaml key."""
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")   # the plugin writes it back
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from fsam_dist.integrations.transformers import fsdp_settings_from_plugin
+
+    plugin = FullyShardedDataParallelPlugin(**{"fsdp_version": 2, **settings})
+    with pytest.raises(ValueError, match=needle):
+        fsdp_settings_from_plugin(plugin, "no")
+
+
+def test_fsdp_plugin_settings_reach_the_wrapper(monkeypatch):
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from fsam_dist.integrations.transformers import fsdp_settings_from_plugin
+
+    two = fsdp_settings_from_plugin(FullyShardedDataParallelPlugin(
+        fsdp_version=2, reshard_after_forward=False, transformer_cls_names_to_wrap=["T5Block"],
+        auto_wrap_policy="TRANSFORMER_BASED_WRAP"), "bf16")
+    assert (two.version, two.reshard_after_forward, two.wrap_classes, two.mixed_precision) == \
+        (2, False, ("T5Block",), "bf16")
+    one = fsdp_settings_from_plugin(FullyShardedDataParallelPlugin(
+        fsdp_version=1, sharding_strategy="SHARD_GRAD_OP", use_orig_params=True, sync_module_states=False), "no")
+    assert (one.version, one.sharding_strategy, one.mixed_precision) == (1, "SHARD_GRAD_OP", None)
 
 
 def test_fsam_arguments_parse_next_to_training_arguments_and_are_validated(tmp_path):

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fsam_dist.integrations.transformers import FSAMArguments, FSAMSeq2SeqTrainer  # noqa: E402
 
-DEFAULTS = {"trainer": "fsam", "rho": "0.05", "keep_ratio": "0.1", "mask_interval": "2", "steps": "6",
+DEFAULTS = {"trainer": "fsam", "rho": "0.05", "keep_ratio": "0.1", "mask_interval": "2", "steps": "4",
             "save_steps": "0", "resume": "", "ga": "2", "batch": "8", "clip": "0.0", "deepspeed": "", "model": "",
             "lr": "0.01"}
 

@@ -157,7 +157,7 @@ def refuse_unsupported_args(args) -> None:
         raise ValueError("FSAMTrainer: fsdp_config.xla (PyTorch/XLA FSDP) is not supported")
 
 
-def _shard_on_cpu(accelerator) -> bool:
+def _shard_on_cpu(accelerator, plugin_args: dict | None) -> bool:
     """Turn a CPU run whose accelerator was given an FSDP plugin (``accelerate launch`` with an FSDP
     config, or ``--fsdp``) into an FSDP run. accelerate 1.x selects FSDP only on accelerators
     (``AcceleratorState`` keeps ``MULTI_CPU``, which the Trainer would prepare as DDP); FSDP itself
@@ -171,7 +171,7 @@ def _shard_on_cpu(accelerator) -> bool:
     state = accelerator.state
     if state.distributed_type != DistributedType.MULTI_CPU or not use_fsdp():
         return False
-    plugin = FullyShardedDataParallelPlugin()
+    plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))   # --fsdp's, else the launcher's variables
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
     AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
@@ -191,7 +191,7 @@ def fsdp_settings_from_plugin(plugin, mixed_precision: str) -> FSDPSettings:
     if version == 2:
         env["FSDP_RESHARD_AFTER_FORWARD"] = str(bool(plugin.reshard_after_forward)).lower()
     else:
-        strategy = plugin.sharding_strategy
+        strategy = plugin.sharding_strategy or plugin.reshard_after_forward   # as accelerate wraps FSDP1
         env["FSDP_SHARDING_STRATEGY"] = getattr(strategy, "name", str(strategy or "FULL_SHARD"))
         env["FSDP_USE_ORIG_PARAMS"] = str(bool(plugin.use_orig_params)).lower()
         env["FSDP_SYNC_MODULE_STATES"] = str(bool(plugin.sync_module_states)).lower()
@@ -245,11 +245,13 @@ class _FSAMTrainerMixin:
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
-        if _shard_on_cpu(self.accelerator):
+        if _shard_on_cpu(self.accelerator, self.args.fsdp_plugin_args):
             self.is_fsdp_enabled = True
             if self.args.save_only_model and "SHARDED_STATE_DICT" in str(self.accelerator.state.fsdp_plugin.state_dict_type):
                 raise ValueError("save_only_model option is not compatible with FSDP state dict type "
                                  "'SHARDED_STATE_DICT'")   # the Trainer's own check, made before the switch
+        if self.is_fsdp_enabled:   # every unsupported FSDP setting fails here, before training starts
+            fsdp_settings_from_plugin(self.accelerator.state.fsdp_plugin, self.accelerator.mixed_precision)
 
     # ---- set-up around the Trainer's own preparation ------------------------------------------
 
@@ -279,9 +281,6 @@ class _FSAMTrainerMixin:
 
         if isinstance(self.model, (FSDP, FSDPModule)):
             return
-        if _unwrap_stepped(self.optimizer) is not None:
-            raise ValueError("FSAMTrainer with FSDP: the optimizer must be built on the sharded parameters; pass "
-                             "optimizer_cls_and_kwargs (or TrainingArguments.optim) instead of optimizers=(...)")
         plugin = self.accelerator.state.fsdp_plugin
         settings = fsdp_settings_from_plugin(plugin, self.accelerator.mixed_precision)
         plugin.set_auto_wrap_policy(self.model)   # resolved on the unwrapped classes (FSDP2 renames them)
