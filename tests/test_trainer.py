@@ -71,10 +71,19 @@ def bitwise(a: dict, b: dict) -> bool:
 
 @pytest.fixture(scope="module")
 def single(models, tmp_path_factory) -> Path:
-    """One process: FSAM, the plain Trainer, FSAM at ρ = 0 (dropout 0 and 0.1)."""
+    """One process -- this one (no launch: the Trainer stack is imported here anyway), one thread as
+    in the launched runs: FSAM, the plain Trainer, FSAM at ρ = 0 (dropout 0 and 0.1)."""
+    from . import trainer_cases
+
     out = tmp_path_factory.mktemp("trainer_single")
-    run_cases([PYTHON], out, models["t5"], "fsam:", "plain:trainer=plain", "rho0:rho=0",
-              f"plain_dropout:trainer=plain,model={models['dropout']}", f"rho0_dropout:rho=0,model={models['dropout']}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for case in ("fsam:", "plain:trainer=plain", "rho0:rho=0", f"plain_dropout:trainer=plain,model={models['dropout']}",
+                     f"rho0_dropout:rho=0,model={models['dropout']}"):
+            trainer_cases.run(case, out, models["t5"])
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -114,7 +123,9 @@ def test_torchrun_ddp_equals_one_process_resume_and_rho0(single, models, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def deepspeed_configs(tmp_path_factory) -> dict[int, str]:
+def deepspeed_run(single, models, tmp_path_factory) -> Path:
+    """One ``deepspeed --num_gpus 2`` launch: ZeRO-2 (FSAM, plain, ρ = 0), then ZeRO-3 (FSAM saving
+    the mid-run checkpoint (step SAVE), the resume from it)."""
     from .helpers import unavailable
 
     try:
@@ -130,25 +141,27 @@ def deepspeed_configs(tmp_path_factory) -> dict[int, str]:
                   "fp16": {"enabled": "auto"}, "steps_per_print": 10 ** 9}
         paths[stage] = str(root / f"zero{stage}.json")
         Path(paths[stage]).write_text(json.dumps(config))
-    return paths
-
-
-def test_deepspeed_zero2_equals_one_process_and_rho0_is_plain(single, models, deepspeed_configs, tmp_path):
-    out, ds = tmp_path / "z2", deepspeed_configs[2]
+    out, z2, z3 = root / "out", paths[2], paths[3]
     run_cases([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())], out, models["t5"],
-              f"fsam:deepspeed={ds}", f"plain:trainer=plain,deepspeed={ds}", f"rho0:rho=0,deepspeed={ds}")
-    figure = _parity(out, single, models, "fsam")
+              f"z2:deepspeed={z2}", f"z2_plain:trainer=plain,deepspeed={z2}", f"z2_rho0:rho=0,deepspeed={z2}",
+              f"z3:deepspeed={z3},save_steps={SAVE}",
+              f"z3_resume:deepspeed={z3},resume={out / 'z3' / f'checkpoint-{SAVE}'}")
+    return out
+
+
+def test_deepspeed_zero2_equals_one_process_and_rho0_is_plain(single, models, deepspeed_run):
+    out = deepspeed_run
+    figure = _parity(out, single, models, "z2")
     print(f"FSAMSeq2SeqTrainer deepspeed ZeRO-2 2 ranks vs one process: {figure:.1e}")
-    assert bitwise(weights(out, "rho0"), weights(out, "plain"))
-    assert all("perturbed_loss" in h for h in history(out, "fsam") if "loss" in h)
+    assert bitwise(weights(out, "z2_rho0"), weights(out, "z2_plain"))
+    assert all("perturbed_loss" in h for h in history(out, "z2") if "loss" in h)
 
 
-def test_deepspeed_zero3_equals_one_process_and_resumes(single, models, deepspeed_configs, tmp_path):
-    out, ds = tmp_path / "z3", deepspeed_configs[3]
-    run_cases([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())], out, models["t5"],
-              f"fsam:deepspeed={ds},save_steps={SAVE}", f"resume:deepspeed={ds},resume={out / 'fsam' / f'checkpoint-{SAVE}'}")
-    figure = _parity(out, single, models, "fsam")
-    resumed = assert_parity(weights(out, "resume"), weights(out, "fsam"), start_weights(models["t5"]), LR_STEPS, "resume")
+def test_deepspeed_zero3_equals_one_process_and_resumes(single, models, deepspeed_run):
+    out = deepspeed_run
+    figure = _parity(out, single, models, "z3")
+    resumed = assert_parity(weights(out, "z3_resume"), weights(out, "z3"), start_weights(models["t5"]), LR_STEPS,
+                            "resume")
     print(f"FSAMSeq2SeqTrainer deepspeed ZeRO-3 2 ranks vs one process: {figure:.1e}; resumed vs uninterrupted: "
           f"{resumed:.1e}")
 
@@ -173,44 +186,50 @@ def test_refused_trainer_feature_is_a_start_up_error(models, tmp_path, field, va
 FSDP_CONFIG = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "FSDP", "num_machines": 1,
                "num_processes": 2, "machine_rank": 0, "mixed_precision": "no", "rdzv_backend": "static",
                "same_network": True, "use_cpu": False}
-FSDP_SETTINGS = {
-    2: {"fsdp_version": 2, "fsdp_reshard_after_forward": True, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-        "fsdp_transformer_layer_cls_to_wrap": "T5Block", "fsdp_offload_params": False,
-        "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": False,
-        "fsdp_activation_checkpointing": False},
-    1: {"fsdp_version": 1, "fsdp_sharding_strategy": "FULL_SHARD", "fsdp_use_orig_params": True,
-        "fsdp_sync_module_states": False, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-        "fsdp_transformer_layer_cls_to_wrap": "T5Block", "fsdp_offload_params": False,
-        "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": False,
-        "fsdp_activation_checkpointing": False},
-}
-"""The accelerate FSDP configs the test writes (the shape of configs/accelerate/fsdp{1,2}.yaml; the
-README's launch command uses those)."""
+FSDP2 = {"fsdp_version": 2, "fsdp_reshard_after_forward": True, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+         "fsdp_transformer_layer_cls_to_wrap": "T5Block", "fsdp_offload_params": False,
+         "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": False,
+         "fsdp_activation_checkpointing": False}
+"""The accelerate FSDP config the test writes (that of configs/accelerate/fsdp2.yaml, which the
+README's launch command uses)."""
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(single, models, tmp_path_factory) -> Path:
+    """One ``accelerate launch`` with an FSDP2 config: FSDP2 (FSAM saving the checkpoint of step
+    SAVE), the resume from it), then the same two under FSDP1 (``fsdp_version=1``: the variables the
+    FSDP1 yaml exports)."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("fsdp")
+    config = root / "fsdp2.yaml"
+    config.write_text(yaml.safe_dump({**FSDP_CONFIG, "main_process_port": free_port(), "fsdp_config": FSDP2}))
+    out = root / "out"
+    run_cases([str(BIN / "accelerate"), "launch", "--config_file", str(config)], out, models["t5"],
+              f"fsdp2:save_steps={SAVE}", f"fsdp2_resume:resume={out / 'fsdp2' / f'checkpoint-{SAVE}'}",
+              f"fsdp1:fsdp_version=1,save_steps={SAVE}",
+              f"fsdp1_resume:fsdp_version=1,resume={out / 'fsdp1' / f'checkpoint-{SAVE}'}")
+    return out
 
 
 @pytest.mark.parametrize("version", [2, 1])
-def test_accelerate_fsdp_equals_one_process_and_resumes(single, models, tmp_path, version):
+def test_accelerate_fsdp_equals_one_process_and_resumes(single, models, fsdp_run, version):
     """accelerate launch with an FSDP config: the Trainer's model is sharded (FSDP2 fully_shard /
     FSDP1 use_orig_params), its checkpoints are accelerate's sharded FSDP ones (DCP) plus FSAM's
-    per-rank state. (No ρ = 0 check here: on CPU the plain Trainer cannot shard -- it runs an FSDP
-    config as DDP -- so there is no plain FSDP run to compare with bit for bit.)"""
-    import yaml
-
-    config = tmp_path / f"fsdp{version}.yaml"
-    config.write_text(yaml.safe_dump({**FSDP_CONFIG, "main_process_port": free_port(),
-                                      "fsdp_config": FSDP_SETTINGS[version]}))
-    out = tmp_path / f"fsdp{version}"
-    run_cases([str(BIN / "accelerate"), "launch", "--config_file", str(config)], out, models["t5"],
-              f"fsam:save_steps={SAVE}", f"resume:resume={out / 'fsam' / f'checkpoint-{SAVE}'}")
-    checkpoint = out / "fsam" / f"checkpoint-{SAVE}"
+    per-rank state; the resumed run ends where the uninterrupted one does (FSDP1: only if the Adam
+    moments are restored). No ρ = 0 check here: on CPU the plain Trainer cannot shard -- it runs an
+    FSDP config as DDP -- so there is no plain FSDP run to compare with bit for bit."""
+    out, name = fsdp_run, f"fsdp{version}"
+    checkpoint = out / name / f"checkpoint-{SAVE}"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
     assert sorted(p.name for p in checkpoint.glob("fsam_state_*")) == \
         ["fsam_state_rank0-of-2.pt", "fsam_state_rank1-of-2.pt"]
-    figure = _parity(out, single, models, "fsam")
-    resumed = assert_parity(weights(out, "resume"), weights(out, "fsam"), start_weights(models["t5"]), LR_STEPS, "resume")
+    figure = _parity(out, single, models, name)
+    resumed = assert_parity(weights(out, f"{name}_resume"), weights(out, name), start_weights(models["t5"]), LR_STEPS,
+                            "resume")
     print(f"FSAMSeq2SeqTrainer accelerate FSDP{version} 2 ranks vs one process: {figure:.1e}; resumed vs "
-          f"uninterrupted: {resumed:.1e} (bitwise: {bitwise(weights(out, 'resume'), weights(out, 'fsam'))})")
-    logged = [h for h in history(out, "fsam") if "loss" in h]
+          f"uninterrupted: {resumed:.1e} (bitwise: {bitwise(weights(out, f'{name}_resume'), weights(out, name))})")
+    logged = [h for h in history(out, name) if "loss" in h]
     assert [h["step"] for h in logged] == list(range(1, STEPS + 1))
     assert all(h["perturbed_loss"] > 0 and h["mask_density"] == pytest.approx(0.1, abs=0.01) for h in logged)
 

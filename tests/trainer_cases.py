@@ -8,7 +8,9 @@ writes, from rank 0, ``DIR/NAME/final.pt`` (the full fp32 weights) and ``DIR/NAM
 Case keys: ``trainer`` (fsam | plain), ``rho``, ``keep_ratio``, ``mask_interval``, ``steps``,
 ``save_steps``, ``resume`` (a checkpoint directory), ``ga`` (gradient accumulation), ``batch``
 (global batch per micro-step), ``clip`` (max_grad_norm), ``deepspeed`` (JSON path), ``model``
-(model directory, default ``--model``).
+(model directory, default ``--model``), ``fsdp_version`` (1 | 2: under ``accelerate launch`` with an
+FSDP config, run this case with that FSDP version -- the launcher's ``FSDP_*`` variables are
+switched to what the other version's yaml exports, so both versions share one launch).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from fsam_dist.integrations.transformers import FSAMArguments, FSAMSeq2SeqTraine
 
 DEFAULTS = {"trainer": "fsam", "rho": "0.05", "keep_ratio": "0.1", "mask_interval": "2", "steps": "4",
             "save_steps": "0", "resume": "", "ga": "2", "batch": "8", "clip": "0.0", "deepspeed": "", "model": "",
-            "lr": "0.01"}
+            "lr": "0.01", "fsdp_version": ""}
 
 
 class ReversalTask(torch.utils.data.Dataset):
@@ -83,6 +85,10 @@ def run_case(name: str, spec: dict, out: Path, default_model: str) -> None:
     batch, ga, steps = int(c["batch"]), int(c["ga"]), int(c["steps"])
     if batch % world:
         raise SystemExit(f"batch {batch} is not divisible by the world size {world}")
+    if c["fsdp_version"]:
+        os.environ["FSDP_VERSION"] = c["fsdp_version"]
+        # accelerate refuses sync_module_states for FSDP1 on CPU (configs/accelerate/fsdp1.yaml sets it false)
+        os.environ["FSDP_SYNC_MODULE_STATES"] = "false" if c["fsdp_version"] == "1" else "true"
     model = T5ForConditionalGeneration.from_pretrained(c["model"] or default_model)
     data = ReversalTask(batch * ga * steps, model.config.vocab_size)
     args = Seq2SeqTrainingArguments(
@@ -107,6 +113,16 @@ def run_case(name: str, spec: dict, out: Path, default_model: str) -> None:
         (out / name / "log_history.json").write_text(json.dumps(trainer.state.log_history))
 
 
+def run(case: str, out: Path, default_model: str) -> None:
+    """Run one ``NAME:KEY=VALUE,...`` case (also called in-process by tests/test_trainer.py)."""
+    name, _, rest = case.partition(":")
+    spec = dict(item.split("=", 1) for item in rest.split(",") if item)
+    unknown = set(spec) - set(DEFAULTS)
+    if unknown:
+        raise SystemExit(f"case {name}: unknown keys {sorted(unknown)}")
+    run_case(name, spec, out, default_model)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -120,13 +136,7 @@ def main() -> None:
 
         skip_cpu_shm_build()   # DeepSpeed's CPU shared-memory op serves inference only; building it takes ~1 min
     for case in args.case:
-        name, _, rest = case.partition(":")
-        spec = dict(item.split("=", 1) for item in rest.split(",") if item)
-        unknown = set(spec) - set(DEFAULTS)
-        if unknown:
-            raise SystemExit(f"case {name}: unknown keys {sorted(unknown)}")
-        run_case(name, spec, Path(args.out), args.model)
-
+        run(case, Path(args.out), args.model)
 
 if __name__ == "__main__":
     main()
