@@ -14,7 +14,7 @@ is one import and one class name: FSAMSeq2SeqTrainer(..., fsam_args=fsam_args).
     deepspeed --num_gpus 2 examples/run_seq2seq_fsam.py $ARGS --deepspeed configs/deepspeed/zero3.json
                                                                                # ZeRO-1/2/3 (CPU works too)
     accelerate launch --config_file configs/accelerate/fsdp2.yaml examples/run_seq2seq_fsam.py $ARGS
-                                                                               # FSDP on GPUs only, see below
+                                                                               # FSDP2 (CPU: add --use_cpu)
     sbatch --nodes 2 --wrap "srun torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d \
         --rdzv_endpoint \$(scontrol show hostnames \$SLURM_JOB_NODELIST | head -1):29500 \
         examples/run_seq2seq_fsam.py $ARGS"                                     # SLURM, 2 nodes x 8 GPUs
@@ -108,6 +108,8 @@ def main() -> None:
                                  processing_class=tokenizer, data_collator=collator, fsam_args=fsam_args)
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        if trainer.is_fsdp_enabled:   # checkpoints stay sharded; the final model is written whole
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         trainer.save_model()
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from .helpers import free_port, tiny_t5
-from .launching import BIN, PYTHON, check, launch
+from .launching import BIN, check, launch
 from .parity import assert_not_parity, assert_parity
 
 CASES = "tests/trainer_cases.py"
@@ -234,6 +234,24 @@ def test_accelerate_fsdp_equals_one_process_and_resumes(single, models, fsdp_run
     assert all(h["perturbed_loss"] > 0 and h["mask_density"] == pytest.approx(0.1, abs=0.01) for h in logged)
 
 
+def test_fsdp_launch_on_cpu_without_use_cpu_is_a_start_up_error(models, tmp_path, monkeypatch):
+    """Without use_cpu, accelerate on a CPU-only machine makes every process a separate,
+    non-distributed run: refused, naming --use_cpu, instead of silently training unsharded copies."""
+    from transformers import Seq2SeqTrainingArguments, T5ForConditionalGeneration
+
+    from fsam_dist.integrations.transformers import FSAMArguments, FSAMSeq2SeqTrainer
+
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for CPU-only machines")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=False, report_to=[])
+    with pytest.raises(ValueError, match="pass --use_cpu"):
+        FSAMSeq2SeqTrainer(model=T5ForConditionalGeneration.from_pretrained(models["t5"]), args=args,
+                           fsam_args=FSAMArguments())
+
+
 @pytest.mark.parametrize("settings, needle", [
     ({"activation_checkpointing": True}, "fsdp_activation_checkpointing: true is not supported"),
     ({"cpu_ram_efficient_loading": True, "sync_module_states": False}, "fsdp_cpu_ram_efficient_loading: true"),
@@ -284,16 +302,29 @@ def test_fsam_arguments_parse_next_to_training_arguments_and_are_validated(tmp_p
 
 
 def test_example_script_trains_evaluates_and_logs_fsam(tiny_t5_dir, tiny_data, tmp_path):
-    """examples/run_seq2seq_fsam.py on a local model dir and JSONL files, one process."""
+    """examples/run_seq2seq_fsam.py on a local model dir and JSONL files, launched as the README and
+    its header say for FSDP2: ``accelerate launch --config_file configs/accelerate/fsdp2.yaml``
+    (2 gloo ranks, --use_cpu); sharded checkpoints with FSAM's state, a whole final model."""
     out = tmp_path / "run"
-    check(launch([PYTHON, "examples/run_seq2seq_fsam.py", "--model_name_or_path", tiny_t5_dir,
+    check(launch([str(BIN / "accelerate"), "launch", "--config_file", "configs/accelerate/fsdp2.yaml",
+                  "--main_process_port", str(free_port()), "examples/run_seq2seq_fsam.py",
+                  "--model_name_or_path", tiny_t5_dir,
                   "--train_file", tiny_data["train"], "--validation_file", tiny_data["validation"],
                   "--output_dir", str(out), "--do_train", "--do_eval", "--use_cpu", "--max_steps", "4",
-                  "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2", "--logging_steps", "2",
+                  "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--logging_steps", "2",
                   "--save_steps", "2", "--report_to", "none", "--max_source_length", "16", "--max_target_length",
                   "16", "--pad_to_max_length", "--rho", "0.05", "--mask_interval", "2"]))
     state = json.loads((out / "trainer_state.json").read_text())
     logged = [h for h in state["log_history"] if "loss" in h]
     assert [h["step"] for h in logged] == [2, 4] and all("sharpness" in h for h in logged)
-    assert (out / "checkpoint-2" / "fsam_state_rank0-of-1.pt").is_file()
+    assert sorted(p.name for p in (out / "checkpoint-2").glob("fsam_state_*")) == \
+        ["fsam_state_rank0-of-2.pt", "fsam_state_rank1-of-2.pt"]
+    assert (out / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()
     assert (out / "model.safetensors").is_file() and (out / "eval_results.json").is_file()
+    from safetensors.torch import load_file
+    from transformers import T5ForConditionalGeneration
+
+    saved, start = load_file(str(out / "model.safetensors")), T5ForConditionalGeneration.from_pretrained(tiny_t5_dir)
+    assert not [n for n, _ in start.named_parameters() if n not in saved]
+    assert all(saved[n].shape == p.shape for n, p in start.named_parameters())
+    assert any(not torch.equal(saved[n], p) for n, p in start.named_parameters())   # trained

@@ -252,6 +252,10 @@ class _FSAMTrainerMixin:
                                  "'SHARDED_STATE_DICT'")   # the Trainer's own check, made before the switch
         if self.is_fsdp_enabled:   # every unsupported FSDP setting fails here, before training starts
             fsdp_settings_from_plugin(self.accelerator.state.fsdp_plugin, self.accelerator.mixed_precision)
+        elif use_fsdp() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("FSAMTrainer: launched with an FSDP config, but accelerate found no accelerator and "
+                             "use_cpu is off, so each process would train alone, unsharded; on CPU pass --use_cpu "
+                             "(TrainingArguments.use_cpu=True): FSDP then runs over gloo")
 
     # ---- set-up around the Trainer's own preparation ------------------------------------------
 
@@ -283,9 +287,12 @@ class _FSAMTrainerMixin:
             return
         plugin = self.accelerator.state.fsdp_plugin
         settings = fsdp_settings_from_plugin(plugin, self.accelerator.mixed_precision)
-        plugin.set_auto_wrap_policy(self.model)   # resolved on the unwrapped classes (FSDP2 renames them)
         device = self.accelerator.device
         wrapped = shard_model(self.model, settings, torch.device("cpu") if device.type == "cpu" else device)
+        # Wrapped already: accelerate's preparation keeps an FSDP module as it is, but would still
+        # resolve the policy's class names on it (FSDP2 renames the classes, and a shared list such as
+        # T5Block,BartEncoderLayer names classes absent from the model).
+        plugin.auto_wrap_policy = None
         self.model = self.model_wrapped = wrapped
 
     def _attach_fsam(self, model, resume_from_checkpoint) -> None:
