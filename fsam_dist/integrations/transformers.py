@@ -2,7 +2,8 @@
 :class:`fsam_dist.FSAMOptimizer` inside the Trainer's own loop.
 
 Swap the class and pass ``fsam_args``; everything else (datasets, collators, callbacks,
-``compute_metrics``, ``--deepspeed ds.json``, ``torchrun``) stays as it is::
+``compute_metrics``, ``--deepspeed ds.json``, ``torchrun``, ``accelerate launch`` with an FSDP
+config) stays as it is::
 
     from fsam_dist.integrations.transformers import FSAMArguments, FSAMSeq2SeqTrainer
     trainer = FSAMSeq2SeqTrainer(model=model, args=training_args, fsam_args=FSAMArguments(rho=0.05), ...)
@@ -23,7 +24,21 @@ inside the last micro-batch's backward; the Trainer's accelerator gets a wrapper
 the accumulation boundary and runs ``engine.backward`` (:class:`_EngineBackwardOnly`), and
 ``FSAMOptimizer`` drives the engine's step.
 
-Supported (tested on CPU: one process, torchrun DDP, deepspeed ZeRO-2/3): gradient accumulation,
+Under FSDP (an accelerate FSDP config, or ``--fsdp``) the model is wrapped here, as the plugin says,
+by :func:`fsam_dist.train.fsdp_setup.shard_model` before the Trainer builds the optimizer;
+accelerate's preparation then keeps the wrapping. (accelerate's own FSDP2 wrapping gives the input
+embedding a unit of its own and so unties T5's tied embeddings: ``encoder.embed_tokens`` ends up a
+separate parameter that no optimizer holds.) On CPU accelerate never selects FSDP (it prepares the
+model as DDP); :func:`_shard_on_cpu` switches its state to FSDP, after which accelerate's
+``no_sync`` (gradient-sync deferral under accumulation) and the Trainer's FSDP checkpoints
+(``save_fsdp_model``/``save_fsdp_optimizer``, DCP) run unchanged over gloo. ``--fsdp`` /
+``fsdp_config`` build the same plugin as an accelerate config (only the accelerate config is
+tested). With ``fsdp_state_dict_type: SHARDED_STATE_DICT`` the Trainer's ``save_model()`` writes no
+weights (checkpoints are sharded); set ``FULL_STATE_DICT`` on the plugin before it, as
+examples/run_seq2seq_fsam.py does.
+
+Supported (tested on CPU: one process, torchrun DDP, deepspeed ZeRO-2/3, accelerate FSDP2 and FSDP1):
+gradient accumulation,
 ``max_grad_norm`` (FSAM clips the global norm of the gradient it steps with; under DeepSpeed the
 JSON's ``gradient_clipping`` must be ``"auto"`` or equal), the LR schedulers (stepped by FSAM's step,
 so not at a skipped non-finite step; ReduceLROnPlateau stays with the Trainer), bf16, dropout
@@ -34,8 +49,11 @@ custom samplers/collators/``compute_loss``. Logged next to the Trainer's ``loss`
 steps since the last log), ``mask_density``, ``skipped_steps``.
 Refused at start-up (``ValueError`` naming the field): ``optim`` values that update inside backward
 (:data:`STEPS_INSIDE_BACKWARD`), ``fp16`` (GradScaler), ``torch_compile``, several GPUs in one
-process (DataParallel), tensor/context/sequence parallelism, XLA FSDP, and FSDP on CPU (accelerate
-does not shard there). FSDP on GPUs goes through accelerate's own preparation (untested here).
+process (DataParallel), tensor/context/sequence parallelism, XLA FSDP, FSDP settings the FSDP
+backend does not support (:func:`fsdp_settings_from_plugin`: activation checkpointing,
+``cpu_ram_efficient_loading``, ignored modules, size-based wrapping, hybrid sharding, FSDP1 without
+``use_orig_params``), an FSDP launch on CPU without ``use_cpu`` (each process would train alone),
+and (the Trainer's own check) ``optimizers=(...)`` with FSDP.
 """
 
 from __future__ import annotations
