@@ -95,8 +95,7 @@ class DeepSpeedBackend(Backend):
         self.bit16 = bool(engine.bfloat16_enabled())
 
     def at_boundary(self) -> bool:
-        """Whether the last ``engine.backward`` ran at a gradient-accumulation boundary (only
-        then are the gradients reduced and partitioned where :meth:`views` reads them)."""
+        """Whether the last ``engine.backward`` ran at the accumulation boundary (gradients reduced)."""
         return bool(self.engine.is_gradient_accumulation_boundary())
 
     @property
@@ -161,8 +160,7 @@ class DeepSpeedBackend(Backend):
         return norm
 
     def save_state(self, path: str) -> None:
-        """``engine.save_checkpoint`` into the directory ``path`` (module, optimizer and scheduler
-        state; each rank writes its shards)."""
+        """``engine.save_checkpoint`` into the directory ``path`` (each rank writes its shards)."""
         self.engine.save_checkpoint(str(path), tag="state")
 
     def load_state(self, path: str) -> None:
@@ -172,8 +170,7 @@ class DeepSpeedBackend(Backend):
             raise FileNotFoundError(f"DeepSpeedBackend: no DeepSpeed checkpoint in {path}")
 
     def full_weights_module(self) -> torch.nn.Module | None:
-        """The module itself at stages 0-2 (every rank holds all current weights, bf16 where
-        training is bf16); None under ZeRO-3."""
+        """The module at stages 0-2 (every rank holds all current weights); None under ZeRO-3."""
         return None if self.layout == "zero3" else self.module
 
     def full_state_dict(self) -> dict | None:
