@@ -25,7 +25,7 @@ the accumulation boundary and runs ``engine.backward`` (:class:`_EngineBackwardO
 ``FSAMOptimizer`` drives the engine's step.
 
 Under FSDP (an accelerate FSDP config, or ``--fsdp``) the model is wrapped here, as the plugin says,
-by :func:`fsam_dist.train.fsdp_setup.shard_model` before the Trainer builds the optimizer;
+by :func:`fsam_dist.train.fsdp_wrap.shard_model` before the Trainer builds the optimizer;
 accelerate's preparation then keeps the wrapping. (accelerate's own FSDP2 wrapping gives the input
 embedding a unit of its own and so unties T5's tied embeddings: ``encoder.embed_tokens`` ends up a
 separate parameter that no optimizer holds.) On CPU accelerate never selects FSDP (it prepares the
@@ -70,7 +70,8 @@ from transformers import Seq2SeqTrainer, Trainer
 from ..config import FSAMConfig, validate
 from ..core import DEFAULT_EXCLUDE
 from ..rng import rng_state, set_rng_state
-from ..train.fsdp_setup import FSDPSettings, fsdp_settings_from_env, shard_model, use_fsdp
+from ..train.fsdp_setup import FSDPSettings, fsdp_settings_from_env, use_fsdp
+from ..train.fsdp_wrap import shard_model
 
 FSAM_STATE_NAME = "fsam_state_rank{rank}-of-{world}.pt"
 """The FSAM state file each rank writes into a Trainer checkpoint directory."""
@@ -297,7 +298,7 @@ class _FSAMTrainerMixin:
         before the Trainer creates the optimizer and accelerate prepares it (which then keeps the
         wrapping). accelerate's own FSDP2 wrapping puts the input embedding in a separate unit and
         so unties T5-style tied embeddings (``encoder.embed_tokens`` gets its own parameter, held by
-        no optimizer); :func:`fsam_dist.train.fsdp_setup.shard_model` keeps tied parameters one."""
+        no optimizer); :func:`fsam_dist.train.fsdp_wrap.shard_model` keeps tied parameters one."""
         from torch.distributed.fsdp import FSDPModule
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -306,7 +307,8 @@ class _FSAMTrainerMixin:
         plugin = self.accelerator.state.fsdp_plugin
         settings = fsdp_settings_from_plugin(plugin, self.accelerator.mixed_precision)
         device = self.accelerator.device
-        wrapped = shard_model(self.model, settings, torch.device("cpu") if device.type == "cpu" else device)
+        wrapped = shard_model(self.model, device=torch.device("cpu") if device.type == "cpu" else device,
+                              **settings.backend_kwargs())
         # Wrapped already: accelerate's preparation keeps an FSDP module as it is, but would still
         # resolve the policy's class names on it (FSDP2 renames the classes, and a shared list such as
         # T5Block,BartEncoderLayer names classes absent from the model).

@@ -1,5 +1,5 @@
-"""FSDP set-up for the CLI: the settings ``accelerate launch`` exports (``FSDP_*`` variables) and
-the wrapping of the model they describe, before the adapter (:mod:`fsam_dist.shards.fsdp`) is built.
+"""FSDP set-up for the CLI: the settings ``accelerate launch`` exports (``FSDP_*`` variables), turned
+into the arguments of :func:`~fsam_dist.train.fsdp_wrap.wrap_fsdp`.
 
 ``accelerate launch --config_file configs/accelerate/fsdp2.yaml`` is used as a *launcher* only:
 accelerate 1.15's own FSDP preparation does not work on CPU (docs/design.md); this module turns
@@ -17,11 +17,12 @@ from torch import nn
 
 from ..core import DEFAULT_EXCLUDE
 from ..shards.fsdp import FSDP1_STRATEGIES, FSDPBackend
+from .fsdp_wrap import wrap_fsdp
 
 
 @dataclass(frozen=True)
 class FSDPSettings:
-    """How to wrap the model; :meth:`backend_kwargs` gives :class:`FSDPBackend`'s keyword args."""
+    """How to wrap the model; :meth:`backend_kwargs` gives :func:`wrap_fsdp`'s keyword args."""
 
     version: int = 2
     sharding_strategy: str = "FULL_SHARD"
@@ -29,7 +30,7 @@ class FSDPSettings:
     reshard_after_forward: bool = True
     """FSDP2 only."""
     wrap_classes: tuple[str, ...] | None = None
-    """Block classes wrapped as FSDP units; None = :data:`DEFAULT_WRAP_CLASSES` found in the model
+    """Block classes wrapped as FSDP units; None = ``fsdp_wrap.DEFAULT_WRAP_CLASSES`` found in the model
     (else the model's ``_no_split_modules``); () = the root only."""
     mixed_precision: str | None = None
     cpu_offload: bool = False
@@ -196,33 +197,5 @@ def fsdp_backend(model: nn.Module, settings: FSDPSettings | None = None, *,
             raise ValueError(f"accelerate config mixed_precision: {settings.mixed_precision} disagrees with "
                              f"train.precision: {precision}")
         kwargs["mixed_precision"] = wanted
-    return FSDPBackend(model, optimizer_factory=optimizer_factory, scheduler_factory=scheduler_factory,
-               exclude=exclude, device=device, **kwargs)
-
-
-def shard_model(model: nn.Module, settings: FSDPSettings, device: torch.device) -> nn.Module:
-    """Wrap ``model`` with FSDP as ``settings`` say (blocks as their own units, then the root; tied
-    parameters stay one parameter) without building an adapter: for a training loop that builds
-    its optimizer on the result itself (the Hugging Face Trainer). FSDP2 shards in place and
-    returns ``model``; FSDP1 returns the ``FullyShardedDataParallel`` root."""
-    from ..shards.fsdp import _wrap_class_set
-    from ..shards.fsdp1 import wrap_fsdp1
-    from ..shards.fsdp2 import wrap_fsdp2
-
-    if settings.cpu_offload and device.type == "cpu":
-        raise ValueError("accelerate config: fsdp_offload_params: true needs a GPU compute device (on CPU there is "
-                         "nothing to offload from); set it to false")
-    wrap = _wrap_class_set(model, settings.wrap_classes)
-    if settings.version == 1:
-        if settings.sync_module_states:
-            import torch.distributed as dist
-
-            with torch.no_grad():
-                for t in list(model.parameters()) + list(model.buffers()):
-                    moved = t.data.to(device)
-                    dist.broadcast(moved, src=0)
-                    t.data.copy_(moved)
-        return wrap_fsdp1(model, wrap, settings.sharding_strategy, settings.mixed_precision, settings.cpu_offload,
-                          device)
-    return wrap_fsdp2(model, wrap, settings.reshard_after_forward, settings.mixed_precision, settings.cpu_offload,
-                      device)
+    return wrap_fsdp(model, optimizer_factory=optimizer_factory, scheduler_factory=scheduler_factory,
+                     exclude=exclude, device=device, **kwargs)
