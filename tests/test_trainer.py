@@ -1,13 +1,15 @@
 """``FSAMSeq2SeqTrainer`` (Hugging Face Trainer integration) launched for real: one process,
 ``torchrun`` (DDP), ``deepspeed --num_gpus 2`` (ZeRO-2, ZeRO-3) and ``accelerate launch`` with an
-FSDP2 / FSDP1 config, 2 gloo ranks on CPU, gradient accumulation 2, a mask refresh every 2 steps
+FSDP2 / FSDP1 config (and FSDP2 through ``TrainingArguments.fsdp`` under torchrun), 2 gloo ranks on CPU, gradient accumulation 2, a mask refresh every 2 steps
 inside a 4-step run (refreshes at steps 0 and 2; the checkpoint of step 3 carries the mask of step 2,
 which the resumed step 3 uses).
 
 * the final weights equal the one-process FSAM Trainer run (same global batch), per tensor
   by the suite's parity rule (``tests/parity.py``; the control: FSAM vs its ρ = 0 run breaks it);
 * resuming from the Trainer checkpoint of step 3 ends where the uninterrupted run ends;
-* ρ = 0 is the plain ``Seq2SeqTrainer`` bit for bit (also with dropout, one process);
+* ρ = 0 is the plain ``Seq2SeqTrainer`` bit for bit (also with dropout, one process; not under
+  FSDP, which the plain Trainer cannot run on CPU);
+* each run says what it was wrapped in (so an FSDP case that silently ran as DDP fails);
 * FSAM's figures are in the Trainer's log history; refused Trainer features fail at start-up.
 
 Cost: each launcher is started once; its launch runs every case it is checked on (the run that
@@ -54,6 +56,10 @@ def weights(out: Path, case: str) -> dict[str, torch.Tensor]:
     return torch.load(out / case / "final.pt", weights_only=True)
 
 
+def wrapped_in(out: Path, case: str) -> str:
+    return (out / case / "wrapping.txt").read_text()
+
+
 def history(out: Path, case: str) -> list[dict]:
     return json.loads((out / case / "log_history.json").read_text())
 
@@ -88,6 +94,7 @@ def single(models, tmp_path_factory) -> Path:
 
 
 def test_one_process_rho0_is_the_plain_trainer_and_metrics_are_logged(single, models):
+    assert wrapped_in(single, "fsam") == "single"
     assert bitwise(weights(single, "rho0"), weights(single, "plain"))
     assert bitwise(weights(single, "rho0_dropout"), weights(single, "plain_dropout"))
     # the control for every parity check below: the perturbation moves FSAM outside the rule
@@ -108,11 +115,21 @@ def _parity(out: Path, single: Path, models, case: str, reference: str = "fsam")
     return assert_parity(weights(out, case), weights(single, reference), start_weights(models["t5"]), LR_STEPS, case)
 
 
-def test_torchrun_ddp_equals_one_process_resume_and_rho0(single, models, tmp_path):
-    out = tmp_path / "ddp"
+@pytest.fixture(scope="module")
+def torchrun_run(single, models, tmp_path_factory) -> Path:
+    """One ``torchrun`` launch: DDP (FSAM saving the mid-run checkpoint, the resume from it, plain,
+    ρ = 0), then FSDP2 asked for through ``TrainingArguments(fsdp=..., fsdp_config=...)`` (last:
+    accelerate keeps FSDP on for the rest of the process)."""
+    out = tmp_path_factory.mktemp("torchrun") / "out"
     run_cases([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())], out, models["t5"],
               f"fsam:save_steps={SAVE}", f"resume:resume={out / 'fsam' / f'checkpoint-{SAVE}'}", "plain:trainer=plain",
-              "rho0:rho=0")
+              "rho0:rho=0", "fsdp_args:fsdp_args=2")
+    return out
+
+
+def test_torchrun_ddp_equals_one_process_resume_and_rho0(single, models, torchrun_run):
+    out = torchrun_run
+    assert {wrapped_in(out, case) for case in ("fsam", "resume", "plain", "rho0")} == {"ddp"}
     figure = _parity(out, single, models, "fsam")
     resumed = assert_parity(weights(out, "resume"), weights(out, "fsam"), start_weights(models["t5"]), LR_STEPS, "resume")
     print(f"FSAMSeq2SeqTrainer torchrun DDP 2 ranks vs one process: {figure:.1e}; resumed vs uninterrupted: "
@@ -120,6 +137,14 @@ def test_torchrun_ddp_equals_one_process_resume_and_rho0(single, models, tmp_pat
     assert bitwise(weights(out, "rho0"), weights(out, "plain"))
     assert sorted(p.name for p in (out / "fsam" / f"checkpoint-{SAVE}").glob("fsam_state_*")) == \
         ["fsam_state_rank0-of-2.pt", "fsam_state_rank1-of-2.pt"]
+
+
+def test_fsdp_through_training_arguments_equals_one_process(single, models, torchrun_run):
+    """``--fsdp full_shard --fsdp_config '{"fsdp_version": 2, ...}'`` under torchrun: sharded, and
+    where the one-process run ends."""
+    assert wrapped_in(torchrun_run, "fsdp_args") == "fsdp2"
+    figure = _parity(torchrun_run, single, models, "fsdp_args")
+    print(f"FSAMSeq2SeqTrainer torchrun + TrainingArguments.fsdp (FSDP2) 2 ranks vs one process: {figure:.1e}")
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +176,7 @@ def deepspeed_run(single, models, tmp_path_factory) -> Path:
 
 def test_deepspeed_zero2_equals_one_process_and_rho0_is_plain(single, models, deepspeed_run):
     out = deepspeed_run
+    assert {wrapped_in(out, case) for case in ("z2", "z2_plain", "z2_rho0")} == {"deepspeed"}
     figure = _parity(out, single, models, "z2")
     print(f"FSAMSeq2SeqTrainer deepspeed ZeRO-2 2 ranks vs one process: {figure:.1e}")
     assert bitwise(weights(out, "z2_rho0"), weights(out, "z2_plain"))
@@ -159,6 +185,7 @@ def test_deepspeed_zero2_equals_one_process_and_rho0_is_plain(single, models, de
 
 def test_deepspeed_zero3_equals_one_process_and_resumes(single, models, deepspeed_run):
     out = deepspeed_run
+    assert wrapped_in(out, "z3") == "deepspeed"
     figure = _parity(out, single, models, "z3")
     resumed = assert_parity(weights(out, "z3_resume"), weights(out, "z3"), start_weights(models["t5"]), LR_STEPS,
                             "resume")
@@ -220,6 +247,7 @@ def test_accelerate_fsdp_equals_one_process_and_resumes(single, models, fsdp_run
     moments are restored). No ρ = 0 check here: on CPU the plain Trainer cannot shard -- it runs an
     FSDP config as DDP -- so there is no plain FSDP run to compare with bit for bit."""
     out, name = fsdp_run, f"fsdp{version}"
+    assert wrapped_in(out, name) == wrapped_in(out, f"{name}_resume") == name
     checkpoint = out / name / f"checkpoint-{SAVE}"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
     assert sorted(p.name for p in checkpoint.glob("fsam_state_*")) == \

@@ -4,13 +4,17 @@
 
 Each case trains a fresh copy of ``--model`` on a fixed synthetic reversal task (fixed-length
 targets, examples in order: ``_get_train_sampler`` is overridden with a SequentialSampler) and
-writes, from rank 0, ``DIR/NAME/final.pt`` (the full fp32 weights) and ``DIR/NAME/log_history.json``.
+writes, from rank 0, ``DIR/NAME/final.pt`` (the full fp32 weights), ``DIR/NAME/log_history.json``
+and ``DIR/NAME/wrapping.txt`` (what the Trainer trained: single, ddp, deepspeed, fsdp1 or fsdp2).
 Case keys: ``trainer`` (fsam | plain), ``rho``, ``keep_ratio``, ``mask_interval``, ``steps``,
 ``save_steps``, ``resume`` (a checkpoint directory), ``ga`` (gradient accumulation), ``batch``
 (global batch per micro-step), ``clip`` (max_grad_norm), ``deepspeed`` (JSON path), ``model``
 (model directory, default ``--model``), ``fsdp_version`` (1 | 2: under ``accelerate launch`` with an
 FSDP config, run this case with that FSDP version -- the launcher's ``FSDP_*`` variables are
-switched to what the other version's yaml exports, so both versions share one launch).
+switched to what the other version's yaml exports, so both versions share one launch),
+``fsdp_args`` (1 | 2: FSDP through ``TrainingArguments(fsdp="full_shard", fsdp_config=...)`` under
+any launcher; accelerate then exports ``ACCELERATE_USE_FSDP`` for the rest of the process, so such a
+case runs last).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from fsam_dist.integrations.transformers import FSAMArguments, FSAMSeq2SeqTraine
 
 DEFAULTS = {"trainer": "fsam", "rho": "0.05", "keep_ratio": "0.1", "mask_interval": "2", "steps": "4",
             "save_steps": "0", "resume": "", "ga": "2", "batch": "8", "clip": "0.0", "deepspeed": "", "model": "",
-            "lr": "0.01", "fsdp_version": ""}
+            "lr": "0.01", "fsdp_version": "", "fsdp_args": ""}
 
 
 class ReversalTask(torch.utils.data.Dataset):
@@ -77,6 +81,21 @@ def full_weights(trainer) -> dict[str, torch.Tensor] | None:
     return full if trainer.args.process_index == 0 else None
 
 
+def wrapping(trainer) -> str:
+    """What the Trainer's model was wrapped in for training."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = trainer.model_wrapped
+    if trainer.is_deepspeed_enabled:
+        return "deepspeed"
+    if isinstance(model, FullyShardedDataParallel):
+        return "fsdp1"
+    if isinstance(model, FSDPModule):
+        return "fsdp2"
+    return "ddp" if isinstance(model, DistributedDataParallel) else "single"
+
+
 def run_case(name: str, spec: dict, out: Path, default_model: str) -> None:
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, T5ForConditionalGeneration
 
@@ -89,6 +108,11 @@ def run_case(name: str, spec: dict, out: Path, default_model: str) -> None:
         os.environ["FSDP_VERSION"] = c["fsdp_version"]
         # accelerate refuses sync_module_states for FSDP1 on CPU (configs/accelerate/fsdp1.yaml sets it false)
         os.environ["FSDP_SYNC_MODULE_STATES"] = "false" if c["fsdp_version"] == "1" else "true"
+    fsdp = {}
+    if c["fsdp_args"]:
+        fsdp = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": int(c["fsdp_args"]), "use_orig_params": True,
+                                                      "sync_module_states": False,
+                                                      "transformer_layer_cls_to_wrap": ["T5Block"]}}
     model = T5ForConditionalGeneration.from_pretrained(c["model"] or default_model)
     data = ReversalTask(batch * ga * steps, model.config.vocab_size)
     args = Seq2SeqTrainingArguments(
@@ -96,7 +120,7 @@ def run_case(name: str, spec: dict, out: Path, default_model: str) -> None:
         max_steps=steps, learning_rate=float(c["lr"]), lr_scheduler_type="constant", optim="adamw_torch",
         weight_decay=0.0, max_grad_norm=float(c["clip"]), logging_steps=1, report_to=[], seed=0,
         save_strategy="steps" if int(c["save_steps"]) else "no", save_steps=int(c["save_steps"]) or 500,
-        deepspeed=c["deepspeed"] or None, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        deepspeed=c["deepspeed"] or None, **fsdp, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         disable_tqdm=True)
     kwargs = dict(model=model, args=args, train_dataset=data)
     if c["trainer"] == "fsam":
@@ -111,6 +135,7 @@ def run_case(name: str, spec: dict, out: Path, default_model: str) -> None:
     if weights is not None:
         torch.save(weights, out / name / "final.pt")
         (out / name / "log_history.json").write_text(json.dumps(trainer.state.log_history))
+        (out / name / "wrapping.txt").write_text(wrapping(trainer))
 
 
 def run(case: str, out: Path, default_model: str) -> None:
