@@ -32,14 +32,13 @@ separate parameter that no optimizer holds.) On CPU accelerate never selects FSD
 model as DDP); :func:`_shard_on_cpu` switches its state to FSDP, after which accelerate's
 ``no_sync`` (gradient-sync deferral under accumulation) and the Trainer's FSDP checkpoints
 (``save_fsdp_model``/``save_fsdp_optimizer``, DCP) run unchanged over gloo. ``--fsdp`` /
-``fsdp_config`` build the same plugin as an accelerate config (only the accelerate config is
-tested). With ``fsdp_state_dict_type: SHARDED_STATE_DICT`` the Trainer's ``save_model()`` writes no
-weights (checkpoints are sharded); set ``FULL_STATE_DICT`` on the plugin before it, as
+``fsdp_config`` build the same plugin as an accelerate config (both tested). With
+``fsdp_state_dict_type: SHARDED_STATE_DICT`` the Trainer's ``save_model()`` writes no weights
+(checkpoints are sharded); set ``FULL_STATE_DICT`` on the plugin before it, as
 examples/run_seq2seq_fsam.py does.
 
-Supported (tested on CPU: one process, torchrun DDP, deepspeed ZeRO-2/3, accelerate FSDP2 and FSDP1):
-gradient accumulation,
-``max_grad_norm`` (FSAM clips the global norm of the gradient it steps with; under DeepSpeed the
+Supported (tested on CPU: one process, torchrun DDP, deepspeed ZeRO-2/3, accelerate FSDP2 and
+FSDP1, ``TrainingArguments.fsdp``): gradient accumulation, ``max_grad_norm`` (FSAM clips the global norm of the gradient it steps with; under DeepSpeed the
 JSON's ``gradient_clipping`` must be ``"auto"`` or equal), the LR schedulers (stepped by FSAM's step,
 so not at a skipped non-finite step; ReduceLROnPlateau stays with the Trainer), bf16, dropout
 (replayed), ``save_steps``/``resume_from_checkpoint`` (each rank's FSAM state,
