@@ -1,8 +1,8 @@
 """``FSAMSeq2SeqTrainer`` (Hugging Face Trainer integration) launched for real: one process,
 ``torchrun`` (DDP), ``deepspeed --num_gpus 2`` (ZeRO-2, ZeRO-3) and ``accelerate launch`` with an
-FSDP2 / FSDP1 config (and FSDP2 through ``TrainingArguments.fsdp`` under torchrun), 2 gloo ranks on CPU, gradient accumulation 2, a mask refresh every 2 steps
-inside a 4-step run (refreshes at steps 0 and 2; the checkpoint of step 3 carries the mask of step 2,
-which the resumed step 3 uses).
+FSDP2 / FSDP1 config (and FSDP2 through ``TrainingArguments.fsdp`` under torchrun), 2 gloo ranks on
+CPU, gradient accumulation 2, a mask refresh every 2 steps inside a 4-step run (refreshes at steps
+0 and 2; the checkpoint of step 3 carries the mask of step 2, which the resumed step 3 uses).
 
 * the final weights equal the one-process FSAM Trainer run (same global batch), per tensor
   by the suite's parity rule (``tests/parity.py``; the control: FSAM vs its ρ = 0 run breaks it);
@@ -85,7 +85,8 @@ def single(models, tmp_path_factory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for case in ("fsam:", "plain:trainer=plain", "rho0:rho=0", f"plain_dropout:trainer=plain,model={models['dropout']}",
+        for case in ("fsam:", "plain:trainer=plain", "rho0:rho=0",
+                     f"plain_dropout:trainer=plain,model={models['dropout']}",
                      f"rho0_dropout:rho=0,model={models['dropout']}"):
             trainer_cases.run(case, out, models["t5"])
     finally:
@@ -131,7 +132,8 @@ def test_torchrun_ddp_equals_one_process_resume_and_rho0(single, models, torchru
     out = torchrun_run
     assert {wrapped_in(out, case) for case in ("fsam", "resume", "plain", "rho0")} == {"ddp"}
     figure = _parity(out, single, models, "fsam")
-    resumed = assert_parity(weights(out, "resume"), weights(out, "fsam"), start_weights(models["t5"]), LR_STEPS, "resume")
+    resumed = assert_parity(weights(out, "resume"), weights(out, "fsam"), start_weights(models["t5"]), LR_STEPS,
+                            "resume")
     print(f"FSAMSeq2SeqTrainer torchrun DDP 2 ranks vs one process: {figure:.1e}; resumed vs uninterrupted: "
           f"{resumed:.1e} (bitwise: {bitwise(weights(out, 'resume'), weights(out, 'fsam'))})")
     assert bitwise(weights(out, "rho0"), weights(out, "plain"))

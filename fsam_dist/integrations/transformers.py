@@ -39,9 +39,9 @@ examples/run_seq2seq_fsam.py does.
 
 Supported (tested on CPU: one process, torchrun DDP, deepspeed ZeRO-2/3, accelerate FSDP2 and
 FSDP1, ``TrainingArguments.fsdp``): gradient accumulation, ``max_grad_norm`` (FSAM clips the global
-norm of the gradient it steps with; under DeepSpeed the JSON's ``gradient_clipping`` must be ``"auto"`` or equal), the LR schedulers (stepped by FSAM's step,
-so not at a skipped non-finite step; ReduceLROnPlateau stays with the Trainer), bf16, dropout
-(replayed), ``save_steps``/``resume_from_checkpoint`` (each rank's FSAM state,
+norm of the gradient it steps with; under DeepSpeed the JSON's ``gradient_clipping`` must be
+``"auto"`` or equal), the LR schedulers (stepped by FSAM's step, so not at a skipped non-finite
+step; ReduceLROnPlateau stays with the Trainer), bf16, dropout (replayed), ``save_steps``/``resume_from_checkpoint`` (each rank's FSAM state,
 ``fsam_state_rank{r}-of-{world}.pt``; resume needs the same world size), callbacks, evaluation,
 custom samplers/collators/``compute_loss``. Logged next to the Trainer's ``loss`` (pass 1) and
 ``grad_norm``: ``perturbed_loss``, ``sharpness``, ``perturbation_norm`` (means over the perturbed
@@ -265,7 +265,8 @@ class _FSAMTrainerMixin:
         super().create_accelerator_and_postprocess()
         if _shard_on_cpu(self.accelerator, self.args.fsdp_plugin_args):
             self.is_fsdp_enabled = True
-            if self.args.save_only_model and "SHARDED_STATE_DICT" in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+            sharded = "SHARDED_STATE_DICT" in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+            if self.args.save_only_model and sharded:
                 raise ValueError("save_only_model option is not compatible with FSDP state dict type "
                                  "'SHARDED_STATE_DICT'")   # the Trainer's own check, made before the switch
         if self.is_fsdp_enabled:   # every unsupported FSDP setting fails here, before training starts
