@@ -41,8 +41,8 @@ Supported (tested on CPU: one process, torchrun DDP, deepspeed ZeRO-2/3, acceler
 FSDP1, ``TrainingArguments.fsdp``): gradient accumulation, ``max_grad_norm`` (FSAM clips the global
 norm of the gradient it steps with; under DeepSpeed the JSON's ``gradient_clipping`` must be
 ``"auto"`` or equal), the LR schedulers (stepped by FSAM's step, so not at a skipped non-finite
-step; ReduceLROnPlateau stays with the Trainer), bf16, dropout (replayed), ``save_steps``/``resume_from_checkpoint`` (each rank's FSAM state,
-``fsam_state_rank{r}-of-{world}.pt``; resume needs the same world size), callbacks, evaluation,
+step; ReduceLROnPlateau stays with the Trainer), bf16, dropout (replayed),
+``save_steps``/``resume_from_checkpoint`` (each rank's FSAM state, ``fsam_state_rank{r}-of-{world}.pt``; resume needs the same world size), callbacks, evaluation,
 custom samplers/collators/``compute_loss``. Logged next to the Trainer's ``loss`` (pass 1) and
 ``grad_norm``: ``perturbed_loss``, ``sharpness``, ``perturbation_norm`` (means over the perturbed
 steps since the last log), ``mask_density``, ``skipped_steps``.
