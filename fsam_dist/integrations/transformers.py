@@ -37,12 +37,13 @@ model as DDP); :func:`_shard_on_cpu` switches its state to FSDP, after which acc
 (checkpoints are sharded); set ``FULL_STATE_DICT`` on the plugin before it, as
 examples/run_seq2seq_fsam.py does.
 
-Supported (tested on CPU: one process, torchrun DDP, deepspeed ZeRO-2/3, accelerate FSDP2 and
-FSDP1, ``TrainingArguments.fsdp``): gradient accumulation, ``max_grad_norm`` (FSAM clips the global
-norm of the gradient it steps with; under DeepSpeed the JSON's ``gradient_clipping`` must be
-``"auto"`` or equal), the LR schedulers (stepped by FSAM's step, so not at a skipped non-finite
-step; ReduceLROnPlateau stays with the Trainer), bf16, dropout (replayed),
-``save_steps``/``resume_from_checkpoint`` (each rank's FSAM state, ``fsam_state_rank{r}-of-{world}.pt``; resume needs the same world size), callbacks, evaluation,
+Supported (tested on CPU: one process, torchrun DDP, deepspeed ZeRO-2/3, accelerate FSDP2 and FSDP1,
+``TrainingArguments.fsdp``): gradient accumulation, ``max_grad_norm`` (FSAM clips the global norm of
+the gradient it steps with; under DeepSpeed the JSON's ``gradient_clipping`` must be ``"auto"`` or
+equal), the LR schedulers (stepped by FSAM's step, so not at a skipped non-finite step;
+ReduceLROnPlateau stays with the Trainer), bf16, dropout (replayed),
+``save_steps``/``resume_from_checkpoint`` (each rank's FSAM state,
+``fsam_state_rank{r}-of-{world}.pt``; resume needs the same world size), callbacks, evaluation,
 custom samplers/collators/``compute_loss``. Logged next to the Trainer's ``loss`` (pass 1) and
 ``grad_norm``: ``perturbed_loss``, ``sharpness``, ``perturbation_norm`` (means over the perturbed
 steps since the last log), ``mask_density``, ``skipped_steps``.
