@@ -225,9 +225,9 @@ README's launch command uses)."""
 
 @pytest.fixture(scope="module")
 def fsdp_run(single, models, tmp_path_factory) -> Path:
-    """One ``accelerate launch`` with an FSDP2 config: FSDP2 (FSAM saving the checkpoint of step
-    SAVE), the resume from it), then the same two under FSDP1 (``fsdp_version=1``: the variables the
-    FSDP1 yaml exports)."""
+    """One ``accelerate launch`` with an FSDP2 config: FSDP2 (FSAM evaluating before it trains, saving
+    the mid-run checkpoint; the resume from it), then the same two under FSDP1 (``fsdp_version=1``:
+    the variables the FSDP1 yaml exports)."""
     import yaml
 
     root = tmp_path_factory.mktemp("fsdp")
@@ -235,7 +235,8 @@ def fsdp_run(single, models, tmp_path_factory) -> Path:
     config.write_text(yaml.safe_dump({**FSDP_CONFIG, "main_process_port": free_port(), "fsdp_config": FSDP2}))
     out = root / "out"
     run_cases([str(BIN / "accelerate"), "launch", "--config_file", str(config)], out, models["t5"],
-              f"fsdp2:save_steps={SAVE}", f"fsdp2_resume:resume={out / 'fsdp2' / f'checkpoint-{SAVE}'}",
+              f"fsdp2:save_steps={SAVE},eval_first=1",
+              f"fsdp2_resume:resume={out / 'fsdp2' / f'checkpoint-{SAVE}'}",
               f"fsdp1:fsdp_version=1,save_steps={SAVE}",
               f"fsdp1_resume:fsdp_version=1,resume={out / 'fsdp1' / f'checkpoint-{SAVE}'}")
     return out
@@ -261,6 +262,8 @@ def test_accelerate_fsdp_equals_one_process_and_resumes(single, models, fsdp_run
           f"uninterrupted: {resumed:.1e} (bitwise: {bitwise(weights(out, f'{name}_resume'), weights(out, name))})")
     logged = [h for h in history(out, name) if "loss" in h]
     assert [h["step"] for h in logged] == list(range(1, STEPS + 1))
+    if version == 2:   # evaluated before train(): the model was sharded for that evaluation already
+        assert json.loads((out / name / "eval_first.json").read_text())["eval_loss"] > 0
     assert all(h["perturbed_loss"] > 0 and h["mask_density"] == pytest.approx(0.1, abs=0.01) for h in logged)
 
 

@@ -14,7 +14,7 @@ FSDP config, run this case with that FSDP version -- the launcher's ``FSDP_*`` v
 switched to what the other version's yaml exports, so both versions share one launch),
 ``fsdp_args`` (1 | 2: FSDP through ``TrainingArguments(fsdp="full_shard", fsdp_config=...)`` under
 any launcher; accelerate then exports ``ACCELERATE_USE_FSDP`` for the rest of the process, so such a
-case runs last).
+case runs last), ``eval_first`` (1: ``trainer.evaluate()`` before ``train()``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from fsam_dist.integrations.transformers import FSAMArguments, FSAMSeq2SeqTraine
 
 DEFAULTS = {"trainer": "fsam", "rho": "0.05", "keep_ratio": "0.1", "mask_interval": "2", "steps": "4",
             "save_steps": "0", "resume": "", "ga": "2", "batch": "8", "clip": "0.0", "deepspeed": "", "model": "",
-            "lr": "0.01", "fsdp_version": "", "fsdp_args": ""}
+            "lr": "0.01", "fsdp_version": "", "fsdp_args": "", "eval_first": ""}
 
 
 class ReversalTask(torch.utils.data.Dataset):
@@ -55,7 +55,8 @@ class ReversalTask(torch.utils.data.Dataset):
 def trainer_class(base):
     class InOrder(base):
         def _get_train_sampler(self, train_dataset=None):
-            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            return torch.utils.data.SequentialSampler(dataset)
 
     return InOrder
 
@@ -123,6 +124,8 @@ def run_case(name: str, spec: dict, out: Path, default_model: str) -> None:
         deepspeed=c["deepspeed"] or None, **fsdp, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         disable_tqdm=True)
     kwargs = dict(model=model, args=args, train_dataset=data)
+    if c["eval_first"]:
+        kwargs["eval_dataset"] = ReversalTask(batch, model.config.vocab_size, seed=1)
     if c["trainer"] == "fsam":
         cls = trainer_class(FSAMSeq2SeqTrainer)
         kwargs["fsam_args"] = FSAMArguments(rho=float(c["rho"]), keep_ratio=float(c["keep_ratio"]),
@@ -130,12 +133,15 @@ def run_case(name: str, spec: dict, out: Path, default_model: str) -> None:
     else:
         cls = trainer_class(Seq2SeqTrainer)
     trainer = cls(**kwargs)
+    evaluated = trainer.evaluate() if c["eval_first"] else None   # before train(): prepared for evaluation first
     trainer.train(resume_from_checkpoint=c["resume"] or None)
     weights = full_weights(trainer)
     if weights is not None:
         torch.save(weights, out / name / "final.pt")
         (out / name / "log_history.json").write_text(json.dumps(trainer.state.log_history))
         (out / name / "wrapping.txt").write_text(wrapping(trainer))
+        if evaluated is not None:
+            (out / name / "eval_first.json").write_text(json.dumps(evaluated))
 
 
 def run(case: str, out: Path, default_model: str) -> None:

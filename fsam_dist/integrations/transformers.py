@@ -294,6 +294,15 @@ class _FSAMTrainerMixin:
         self._attach_fsam(model, resume_from_checkpoint)
         return model, train_dataloader
 
+    def _wrap_model(self, model, training: bool = True, dataloader=None):
+        """Under FSDP the model is sharded here first, also when evaluation comes before
+        ``train()`` (the Trainer would otherwise hand the unwrapped model to accelerate's own FSDP
+        wrapping, which fails on T5's tied embeddings)."""
+        if self.is_fsdp_enabled and model is self.model:
+            self._shard_model()
+            model = self.model
+        return super()._wrap_model(model, training, dataloader)
+
     def _shard_model(self) -> None:
         """Wrap the model with FSDP here, as the plugin says (:func:`fsdp_settings_from_plugin`),
         before the Trainer creates the optimizer and accelerate prepares it (which then keeps the
