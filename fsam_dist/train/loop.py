@@ -46,6 +46,8 @@ class Prepared:
     global_batch: int
     resume_from: Path | None
     eval_examples: list[dict]
+    notes: list[str] | None = None
+    """Log lines for rank 0 once logging is set up (e.g. grad_accum_steps adjusted on resume)."""
 
 
 def prepare(cfg: Config) -> Prepared:
@@ -55,6 +57,10 @@ def prepare(cfg: Config) -> Prepared:
 
     env = distributed.detect_env()
     name = resolve_backend(cfg, env)
+    notes: list[str] = []
+    # Before preflight: resuming at another world size may change train.grad_accum_steps (which
+    # the DeepSpeed config is filled from).
+    resume_from = _resume_path(cfg, Path(cfg.train.output_dir), env.world_size, name, notes)
     ds_config = preflight(cfg, env, name)
     global_batch = cfg.train.micro_batch_size * env.world_size * cfg.train.grad_accum_steps
     try:
@@ -79,9 +85,8 @@ def prepare(cfg: Config) -> Prepared:
     if len(features) < env.world_size:
         raise ConfigError(f"data.train_file: {len(features)} usable example(s) for {env.world_size} processes; "
                           "give it more data or start fewer processes")
-    resume_from = _resume_path(cfg, Path(cfg.train.output_dir), env.world_size)
     return Prepared(env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from,
-                    eval_examples)
+                    eval_examples, notes)
 
 
 def run(cfg: Config) -> Path:
@@ -89,6 +94,8 @@ def run(cfg: Config) -> Path:
     prep = prepare(cfg)
     logging.basicConfig(level=logging.INFO if prep.env.rank == 0 else logging.WARNING,
                         format=f"[rank {prep.env.rank}] %(message)s")
+    for note in prep.notes or ():
+        log.info("%s", note)
     device = distributed.init(prep.env, cfg.backend.dist_backend, cfg.backend.timeout_minutes,
                               use_deepspeed=prep.backend_name == "deepspeed")
     try:
@@ -262,7 +269,8 @@ def save_final(output_dir: Path, backend, model, tokenizer, is_main: bool) -> Pa
     return final
 
 
-def _resume_path(cfg: Config, output_dir: Path, world_size: int) -> Path | None:
+def _resume_path(cfg: Config, output_dir: Path, world_size: int, backend_name: str | None = None,
+                 notes: list[str] | None = None) -> Path | None:
     resume = cfg.train.resume
     if resume == "none":
         return None
@@ -277,6 +285,16 @@ def _resume_path(cfg: Config, output_dir: Path, world_size: int) -> Path | None:
         problem = checkpoint.verify(path)
         if problem is not None:
             raise ConfigError(f"train.resume: checkpoint {path} is damaged: {problem}")
+    saved = json.loads((path / "trainer.json").read_text())
+    if backend_name is not None and saved.get("backend") not in (None, backend_name):
+        raise ConfigError(f"train.resume: checkpoint {path} was written by backend {saved['backend']!r} and this "
+                          f"run uses {backend_name!r}; a checkpoint's engine state loads only into the backend that "
+                          "wrote it: resume with that backend, or start afresh (a new train.output_dir, or "
+                          "train.resume=none)")
+    if saved.get("world_size", world_size) != world_size and isinstance(saved.get("config"), dict):
+        note = keep_global_batch(cfg, saved["config"], saved["world_size"], world_size, path)
+        if note and notes is not None:
+            notes.append(note)
     if resume != "force":
         # Never silently continue a different run (e.g. a rho sweep rerun into one output_dir).
         difference = checkpoint.different_run(path, cfg.model_dump(), world_size)
@@ -284,6 +302,34 @@ def _resume_path(cfg: Config, output_dir: Path, world_size: int) -> Path | None:
             raise ConfigError(f"train.resume: checkpoint {path} belongs to a different run ({difference}); "
                               f"use a new train.output_dir, or train.resume=force to continue it anyway")
     return path
+
+
+def keep_global_batch(cfg: Config, saved_config: dict, saved_world: int, world_size: int, path: Path) -> str | None:
+    """Resuming at ``world_size`` a run written at ``saved_world``: keep its global batch
+    G = micro_batch_size × world × grad_accum_steps (so step t still reads examples t·G …). When
+    this run's G differs and G is a multiple of micro_batch_size × world_size, set
+    ``cfg.train.grad_accum_steps`` to the quotient and return the log line saying so; otherwise
+    raise one ConfigError naming the fields. None when nothing changes."""
+    try:
+        saved_train = saved_config["train"]
+        target = int(saved_train["micro_batch_size"]) * saved_world * int(saved_train["grad_accum_steps"])
+    except (KeyError, TypeError, ValueError):
+        return None   # different_run() reports a config it cannot read
+    t = cfg.train
+    if t.micro_batch_size * world_size * t.grad_accum_steps == target:
+        return None
+    per_step = t.micro_batch_size * world_size
+    if target % per_step:
+        raise ConfigError(
+            f"train.grad_accum_steps: checkpoint {path} was written at {saved_world} processes with global batch "
+            f"{target} (train.micro_batch_size × processes × train.grad_accum_steps), which "
+            f"{t.micro_batch_size} × {world_size} processes does not divide; set train.micro_batch_size and "
+            f"train.grad_accum_steps so that micro_batch_size × {world_size} × grad_accum_steps = {target}, or "
+            f"start a number of processes that divides {target // t.micro_batch_size if target % t.micro_batch_size == 0 else target}")
+    old, t.grad_accum_steps = t.grad_accum_steps, target // per_step
+    return (f"resuming at {world_size} processes a run written at {saved_world}: train.grad_accum_steps "
+            f"{old} → {t.grad_accum_steps} keeps the global batch at {target} "
+            f"({t.micro_batch_size} × {world_size} × {t.grad_accum_steps})")
 
 
 def _eval_examples(cfg: Config, load_examples) -> list[dict]:
