@@ -192,3 +192,174 @@ def test_a_state_that_does_not_cover_a_view_is_refused():
     fsam.load_state_dict(merge_states(states))
     with pytest.raises(ValueError, match="head.weight"):
         fsam._place(views_of(per_parameter_chunks(1)[0], torch.zeros(component.numel())))
+
+
+# ---- 2. the global batch, the backend family (no processes) --------------------------------------
+
+def _saved_checkpoint(tmp_path: Path, *, backend: str, world: int, micro: int, accum: int) -> Path:
+    cfg = _config(tmp_path, micro, accum)
+    ckpt = tmp_path / "checkpoints" / "step-6"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer.json").write_text(json.dumps({"step": 6, "world_size": world, "backend": backend,
+                                                   "config": cfg.model_dump()}, default=str))
+    (ckpt / "manifest.json").write_text("{}")
+    (ckpt / "COMPLETE").write_text("")
+    return ckpt
+
+
+def _config(tmp_path: Path, micro: int, accum: int):
+    from fsam_dist.config import Config
+
+    return Config.model_validate({"model": {"name_or_path": "unused"}, "data": {"train_file": "unused.jsonl"},
+                                  "train": {"micro_batch_size": micro, "grad_accum_steps": accum,
+                                            "output_dir": str(tmp_path)}})
+
+
+def test_global_batch_kept_by_adjusting_grad_accum_steps(tmp_path):
+    """G = 1 × 2 × 3 = 6 written at 2 processes: at 3 processes grad_accum_steps becomes 2, at 1
+    process 6, with a log line saying so; the fingerprint then matches (no 'different run')."""
+    from fsam_dist.train.loop import _resume_path
+
+    ckpt = _saved_checkpoint(tmp_path, backend="fsdp", world=2, micro=1, accum=3)
+    for world, accum in ((3, 2), (1, 6), (6, 1), (2, 3)):
+        cfg, notes = _config(tmp_path, 1, 3), []
+        assert _resume_path(cfg, tmp_path, world, "fsdp", notes) == ckpt
+        assert cfg.train.grad_accum_steps == accum
+        if world == 2:
+            assert notes == []
+        else:
+            assert notes and f"train.grad_accum_steps 3 → {accum}" in notes[0] and "global batch at 6" in notes[0]
+
+
+def test_global_batch_that_cannot_be_kept_is_one_clear_error(tmp_path):
+    from fsam_dist.config import ConfigError
+    from fsam_dist.train.loop import _resume_path
+
+    _saved_checkpoint(tmp_path, backend="fsdp", world=2, micro=1, accum=3)
+    with pytest.raises(ConfigError, match=r"train\.grad_accum_steps: .* global batch 6 .*train\.micro_batch_size"):
+        _resume_path(_config(tmp_path, 1, 3), tmp_path, 4, "fsdp", [])
+    with pytest.raises(ConfigError, match=r"micro_batch_size × 3 × grad_accum_steps = 6"):
+        _resume_path(_config(tmp_path, 4, 3), tmp_path, 3, "fsdp", [])
+
+
+def test_checkpoint_of_another_backend_family_is_refused_before_the_process_group(tmp_path):
+    """A DeepSpeed checkpoint resumed by an FSDP run (and the reverse): one ConfigError naming
+    both backends and train.resume, from prepare() -- no process group exists yet."""
+    from fsam_dist.config import ConfigError
+    from fsam_dist.train.loop import _resume_path
+
+    _saved_checkpoint(tmp_path, backend="deepspeed", world=2, micro=1, accum=3)
+    with pytest.raises(ConfigError, match=r"train\.resume: .*'deepspeed'.*'fsdp'.*train\.resume=none"):
+        _resume_path(_config(tmp_path, 1, 3), tmp_path, 2, "fsdp", [])
+    other = tmp_path / "other"
+    _saved_checkpoint(other, backend="fsdp", world=2, micro=1, accum=3)
+    with pytest.raises(ConfigError, match=r"'fsdp'.*'deepspeed'"):
+        _resume_path(_config(other, 1, 3), other, 3, "deepspeed", [])
+
+
+# ---- 3. real processes: resume at 3 and at 1 rank == the uninterrupted 2-rank run -----------------
+
+from .test_reliability import BIN, PYTHON, TRAIN, launch, micro_model, ok, write_config  # noqa: E402,F401
+from .helpers import free_port  # noqa: E402
+
+STEPS, SAVE_AT, GLOBAL = 12, 6, 6
+"""12 steps at global batch 6 (1 × 2 ranks × 3, 1 × 3 × 2, 1 × 1 × 6); mask refreshed at steps
+0, 4, 8 (mask_interval 4): the checkpoint at 6 holds step 4's mask, step 8 refreshes after the resume."""
+
+
+def _command(kind: str, cfg: Path, overrides: list[str], n: int) -> list[str]:
+    tail = [TRAIN, "--config", str(cfg), *overrides]
+    if kind in ("zero2", "zero3"):
+        return [str(BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", str(free_port()), *tail]
+    if kind in ("fsdp1", "fsdp2"):
+        return [str(BIN / "accelerate"), "launch", "--config_file", f"configs/accelerate/{kind}.yaml",
+                "--num_processes", str(n), "--main_process_port", str(free_port()), *tail]
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="module")
+def elastic_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("elastic")
+
+
+def _config_for(root: Path, name: str, model_dir: str, data: dict, kind: str) -> Path:
+    backend = {"timeout_minutes": 0.5}
+    if kind in ("zero2", "zero3"):
+        backend["deepspeed_config"] = f"configs/deepspeed/{kind}.json"
+    return write_config(root / f"{name}.yaml", model_dir, data, root / name,
+                        train={"max_steps": STEPS, "save_every": SAVE_AT, "keep_last_n": 4, "micro_batch_size": 1,
+                               "grad_accum_steps": GLOBAL // 2, "log_every": 100},
+                        backend=backend, fsam={"rho": 0.05, "keep_ratio": 0.1, "mask_interval": 4})
+
+
+def global_mask(ckpt: Path) -> dict[int, bool]:
+    """The whole mask of a checkpoint by global position (all rank files merged), which global
+    positions it covers (the eligible ones), and the step of its refresh."""
+    states = [torch.load(f, map_location="cpu", weights_only=True)["fsam"] for f in sorted(ckpt.glob("rank-*.pt"))]
+    merged = merge_states(states)
+    total = max(p + m["numel"] for _, p, m in merged["masks"])
+    out = torch.zeros(total, dtype=torch.bool)
+    covered = torch.zeros(total, dtype=torch.bool)
+    for _, p, m in merged["masks"]:
+        out[p:p + m["numel"]] = Mask.from_state(m).to_bool()
+        covered[p:p + m["numel"]] = True
+    return out, covered, merged["mask_step"]
+
+
+def elastic_case(kind: str, elastic_root: Path, model_dir: str, data: dict, worlds=(3, 1)) -> dict:
+    """The uninterrupted 2-rank run, then its step-6 checkpoint resumed at each of ``worlds``."""
+    from .test_reliability import Run  # noqa: F401
+
+    cfg = _config_for(elastic_root, f"{kind}-2", model_dir, data, kind)
+    runs = {2: ok(_launch(kind, cfg, 2))}
+    for n in worlds:
+        cfg_n = _config_for(elastic_root, f"{kind}-{n}", model_dir, data, kind)
+        out = elastic_root / f"{kind}-{n}"
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copytree(runs[2].out / "checkpoints" / f"step-{SAVE_AT}", out / "checkpoints" / f"step-{SAVE_AT}")
+        runs[n] = _launch(kind, cfg_n, n)
+    return runs
+
+
+def _launch(kind: str, cfg: Path, n: int):
+    import tests.test_reliability as rel
+
+    original = rel._command
+    rel._command = lambda k, c, o: _command(k, c, o, n)
+    try:
+        return rel.launch(kind, cfg)
+    finally:
+        rel._command = original
+
+
+def check_elastic(kind: str, runs: dict) -> None:
+    from .launching import assert_final_close
+
+    reference = runs[2]
+    ref_records = {r["step"]: r for r in reference.records}
+    ref_mask, ref_cov, ref_step = global_mask(reference.out / "checkpoints" / f"step-{STEPS}")
+    assert ref_cov.any() and ref_step == 8
+    for n, run in runs.items():
+        if n == 2:
+            continue
+        ok(run)
+        assert f"resumed from" in run.output and f"at step {SAVE_AT}" in run.output
+        assert f"train.grad_accum_steps 3 → {GLOBAL // n}" in run.output, run.output[-3000:]
+        records = {r["step"]: r for r in run.records}
+        assert sorted(records) == list(range(SAVE_AT + 1, STEPS + 1))   # only the checkpoint was copied
+        # the refresh after the resume (step index 8 = record 9) compares with the loaded mask
+        refreshed = [s for s, r in records.items() if r.get("mask_refreshed") and s > SAVE_AT]
+        assert refreshed == [9], refreshed
+        assert records[9]["mask_jaccard"] == ref_records[9]["mask_jaccard"], (records[9], ref_records[9])
+        mask, covered, step = global_mask(run.out / "checkpoints" / f"step-{STEPS}")
+        assert torch.equal(covered, ref_cov) and step == 8
+        assert torch.equal(mask, ref_mask), f"{int((mask ^ ref_mask).sum())} mask entries differ"
+        worst = assert_final_close(run.out, reference.out, f"{kind} resumed at {n} ranks vs uninterrupted at 2")
+        print(f"{kind}: 2 ranks × {SAVE_AT} steps → resumed at {n} rank(s) × {STEPS - SAVE_AT}: worst relative "
+              f"weight error {worst:.2e} against the uninterrupted 2-rank run; mask at step 9 identical")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fsdp2", "zero2", "zero3", "fsdp1"])
+def test_resume_at_another_world_size_reaches_the_uninterrupted_weights(kind, elastic_root, micro_model, tiny_data):
+    check_elastic(kind, elastic_case(kind, elastic_root, micro_model, tiny_data))

@@ -322,10 +322,11 @@ def keep_global_batch(cfg: Config, saved_config: dict, saved_world: int, world_s
     if target % per_step:
         raise ConfigError(
             f"train.grad_accum_steps: checkpoint {path} was written at {saved_world} processes with global batch "
-            f"{target} (train.micro_batch_size × processes × train.grad_accum_steps), which "
-            f"{t.micro_batch_size} × {world_size} processes does not divide; set train.micro_batch_size and "
+            f"{target} (train.micro_batch_size × processes × train.grad_accum_steps); at {world_size} processes "
+            f"with train.micro_batch_size {t.micro_batch_size} no whole train.grad_accum_steps keeps it ({target} "
+            f"is not a multiple of {t.micro_batch_size} × {world_size}): set train.micro_batch_size and "
             f"train.grad_accum_steps so that micro_batch_size × {world_size} × grad_accum_steps = {target}, or "
-            f"start a number of processes that divides {target // t.micro_batch_size if target % t.micro_batch_size == 0 else target}")
+            f"resume with a number of processes N for which micro_batch_size × N divides {target}")
     old, t.grad_accum_steps = t.grad_accum_steps, target // per_step
     return (f"resuming at {world_size} processes a run written at {saved_world}: train.grad_accum_steps "
             f"{old} → {t.grad_accum_steps} keeps the global batch at {target} "
