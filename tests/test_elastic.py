@@ -347,6 +347,8 @@ def check_elastic(kind: str, runs: dict) -> None:
         assert f"train.grad_accum_steps 3 → {GLOBAL // n}" in run.output, run.output[-3000:]
         records = {r["step"]: r for r in run.records}
         assert sorted(records) == list(range(SAVE_AT + 1, STEPS + 1))   # only the checkpoint was copied
+        # the schedule continues where it was (scheduler state restored), and so does the loss
+        assert [records[s]["lr"] for s in sorted(records)] == [ref_records[s]["lr"] for s in sorted(records)]
         # the refresh after the resume (step index 8 = record 9) compares with the loaded mask
         refreshed = [s for s, r in records.items() if r.get("mask_refreshed") and s > SAVE_AT]
         assert refreshed == [9], refreshed

@@ -299,11 +299,49 @@ class DeepSpeedBackend(Backend):
         state; each rank writes its shards)."""
         self.engine.save_checkpoint(str(path), tag="state")
 
-    def load_state(self, path: str) -> None:
-        """``engine.load_checkpoint`` of what :meth:`save_state` wrote (same world size and stage)."""
-        load_path, _ = self.engine.load_checkpoint(str(path), tag="state")
+    def load_state(self, path: str, saved_world_size: int | None = None) -> None:
+        """``engine.load_checkpoint`` of what :meth:`save_state` wrote. When
+        :meth:`needs_universal` (ZeRO-1/2/3 at another data-parallel size), ``path`` is the output
+        of :meth:`write_universal` and it is loaded with DeepSpeed's ``load_universal`` switched
+        on for this one call (the engine's config is not changed otherwise)."""
+        universal = self.needs_universal(saved_world_size)
+        config = self.engine._config
+        before = config.load_universal_checkpoint
+        config.load_universal_checkpoint = universal
+        try:
+            load_path, _ = self.engine.load_checkpoint(str(path), tag="state")
+        finally:
+            config.load_universal_checkpoint = before
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeedBackend: no DeepSpeed checkpoint in {path}")
+
+    def needs_universal(self, saved_world_size: int | None) -> bool:
+        """Whether a checkpoint written at ``saved_world_size`` processes must go through
+        DeepSpeed's universal checkpoint: ZeRO-1/2/3 partition the optimizer state by
+        data-parallel rank; ZeRO-0's state is replicated and loads at any size."""
+        dp = dist.get_world_size(self.engine.data_parallel_group)
+        return saved_world_size is not None and saved_world_size != dp and self.stage > 0
+
+    @staticmethod
+    def write_universal(source: str, out: str) -> None:
+        """Convert the DeepSpeed checkpoint ``source`` (:meth:`save_state`'s directory) into a
+        universal checkpoint under ``out`` (``out/state`` + ``out/latest_universal``) with
+        ``deepspeed.checkpoint.ds_to_universal`` -- the equivalent of ``python -m
+        deepspeed.checkpoint.ds_to_universal --input_folder SOURCE/state --output_folder OUT/state
+        --inject_missing_state``. No collectives: one process (rank 0) calls it."""
+        import argparse
+        import os
+        import shutil
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        args = argparse.Namespace(input_folder=os.path.join(str(source), "state"),
+                                  output_folder=os.path.join(str(out), "state"), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)
+        ds_to_universal.main(args)
 
     def full_weights_module(self) -> torch.nn.Module | None:
         """The module itself at stages 0-2 (every rank holds all current weights, bf16 where

@@ -246,7 +246,22 @@ def load(path: Path, backend, fsam, rank: int, world_size: int, backend_name: st
     else:
         log.info("resuming %s at %d processes from a checkpoint written at %d: %s", backend_name, world_size,
                  saved_world, RESHARDS.get(backend_name, "resharded by the backend"))
-        backend.load_state(path / "backend", saved_world_size=saved_world)
+        needs_universal = getattr(backend, "needs_universal", None)
+        if needs_universal is not None and needs_universal(saved_world):
+            # DeepSpeed ZeRO-1/2/3: rank 0 converts into a scratch directory next to the checkpoint
+            # (the checkpoint itself stays as its manifest says), every rank loads from it.
+            scratch = path.parent / f".universal-{path.name}"
+            try:
+                if rank == 0:
+                    backend.write_universal(path / "backend", scratch)
+                distributed.host_barrier()
+                backend.load_state(scratch, saved_world_size=saved_world)
+                distributed.host_barrier()
+            finally:
+                if rank == 0:
+                    shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            backend.load_state(path / "backend", saved_world_size=saved_world)
     if saved_world == world_size or replicated:
         rank_file = path / f"rank-{rank if not replicated else 0}.pt"
         # map_location: the file was written on the CPU; never let a saved device decide (every rank
