@@ -365,3 +365,49 @@ def check_elastic(kind: str, runs: dict) -> None:
 @pytest.mark.parametrize("kind", ["fsdp2", "zero2", "zero3", "fsdp1"])
 def test_resume_at_another_world_size_reaches_the_uninterrupted_weights(kind, elastic_root, micro_model, tiny_data):
     check_elastic(kind, elastic_case(kind, elastic_root, micro_model, tiny_data))
+
+
+# ---- 4. a stop signal (SLURM's time-limit warning) ends the run at a step with a checkpoint ------
+
+def test_stop_signal_checkpoints_at_a_step_and_the_next_run_continues_bit_for_bit(tmp_path, micro_model, tiny_data):
+    """SIGUSR1 during a run (one process, steps slowed to 1 s): the run finishes the step, writes a
+    checkpoint (save_every 0: only because of the signal), leaves STOPPED naming it, exits 0
+    without a final model; the same command again resumes there and ends bit-identical to the
+    uninterrupted run. (Several ranks: the stop decision is all-reduced -- tests/test_multinode.py
+    under SLURM.)"""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from .cluster import step_delay_hook
+    from .launching import assert_final_identical, check, launch as run_launcher
+
+    def cfg_for(name: str) -> Path:
+        return write_config(tmp_path / f"{name}.yaml", micro_model, tiny_data, tmp_path / name,
+                            train={"max_steps": 8, "save_every": 0, "micro_batch_size": 4, "log_every": 100})
+
+    check(run_launcher([PYTHON, TRAIN, "--config", str(cfg_for("whole"))], timeout=300))
+    cfg, out = cfg_for("chain"), tmp_path / "chain"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           **step_delay_hook(tmp_path / "hook", 1.0)}
+    log = tmp_path / "chain.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([PYTHON, TRAIN, "--config", str(cfg)], env=env, stdout=sink, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        metrics = out / "metrics.jsonl"
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    marker = json.loads((out / "STOPPED").read_text())
+    assert marker["signal"] == "SIGUSR1" and 2 <= marker["step"] < 8, marker
+    assert marker["checkpoint"] == str(out / "checkpoints" / f"step-{marker['step']}")
+    assert [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")] == [marker["step"]]
+    assert not (out / "final").exists()
+    assert f"stopped on SIGUSR1 after step {marker['step']}" in log.read_text()
+    again = check(run_launcher([PYTHON, TRAIN, "--config", str(cfg)], timeout=300))
+    assert f"at step {marker['step']}" in again.stderr and not (out / "STOPPED").exists()
+    assert_final_identical(out, tmp_path / "whole")
+    print(f"stopped on SIGUSR1 after step {marker['step']} of 8, resumed: final weights bit-identical")

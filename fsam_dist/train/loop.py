@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import Config, ConfigError
-from . import checkpoint, distributed, faults
+from . import checkpoint, distributed, faults, signals
 from .backends import build_backend, preflight, resolve_backend
 from .batches import GlobalBatches
 from .evaluate import evaluate
@@ -118,6 +118,7 @@ class Run:
     faults: faults.FaultPlan | None
     metrics: MetricsLogger | None = None
     start_step: int = 0
+    stop: signals.StopRequest | None = None
 
     @property
     def is_main(self) -> bool:
@@ -181,6 +182,7 @@ class Run:
             return
         prep, out = self.prep, self.output_dir
         out.mkdir(parents=True, exist_ok=True)
+        signals.clear_marker(out)
         truncate_after(out / "metrics.jsonl", self.start_step)
         (out / "config.json").write_text(self.cfg.model_dump_json(indent=2))
         (out / "data_report.json").write_text(json.dumps(prep.report.to_dict(), indent=2))
@@ -196,16 +198,19 @@ class Run:
         if self.is_main:
             log.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
 
-    def save(self, step: int) -> None:
+    def save(self, step: int) -> Path:
         env = self.prep.env
         state = {"step": step, "world_size": env.world_size, "backend": self.prep.backend_name,
                  "config": self.cfg.model_dump()}
-        checkpoint.save(self.output_dir, step, self.backend, self.fsam, state, env.rank, self.cfg.train.keep_last_n,
+        return checkpoint.save(self.output_dir, step, self.backend, self.fsam, state, env.rank, self.cfg.train.keep_last_n,
                         hook=None if self.faults is None else self.faults.checkpoint_hook)
 
 
 def _train(run: Run) -> Path:
+    """The steps; returns the final model directory, or the checkpoint written when a stop signal
+    (:mod:`.signals`) ended the run early."""
     cfg, t = run.cfg, run.cfg.train
+    run.stop = signals.StopRequest().install()
     run.resume()
     run.write_run_files()
     run.metrics = MetricsLogger(run.output_dir, run.is_main, t.tensorboard)
@@ -235,8 +240,11 @@ def _train(run: Run) -> Path:
             done = step + 1
             if t.eval_every and done % t.eval_every == 0 and done < t.max_steps:
                 run.evaluate(done)
+            saved = None
             if t.save_every and done % t.save_every == 0 and done < t.max_steps:
-                run.save(done)
+                saved = run.save(done)
+            if done < t.max_steps and run.stop.agreed():   # collective: every rank stops after this step
+                return _stop(run, done, saved)
         if bar is not None:
             bar.close()
             bar = None
@@ -248,6 +256,19 @@ def _train(run: Run) -> Path:
             bar.close()
         run.metrics.close()
     return save_final(run.output_dir, run.backend, run.prep.model, run.prep.tokenizer, run.is_main)
+
+
+def _stop(run: Run, done: int, saved: Path | None) -> Path:
+    """A stop signal: checkpoint after step ``done`` (unless that just happened), leave the
+    STOPPED marker for the batch script, and end without the final model."""
+    path = saved if saved is not None else run.save(done)
+    what = run.stop.describe()
+    if run.is_main:
+        signals.write_marker(run.output_dir, done, what, path)
+        log.info("stopped on %s after step %d: checkpoint %s; the next run with train.resume=auto and this "
+                 "train.output_dir continues from it", what, done, path)
+    distributed.barrier()
+    return path
 
 
 def save_final(output_dir: Path, backend, model, tokenizer, is_main: bool) -> Path:
