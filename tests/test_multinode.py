@@ -197,23 +197,26 @@ def _submit_chain(cluster, tmp_path: Path, cfg: Path, run: Path, nodes: int, sba
                           cwd=REPO)
 
 
-CHAIN_STEP_DELAY = 4.0   # s per step: 8 steps outlast the time-limit signal's arrival (slurmctld checks limits every ~30 s)
+CHAIN_STEP_DELAY = 10.0
+"""s per step of the first job: its 8 steps (80 s after a start-up of ~20-40 s) outlast the warning,
+sent 120 s before the 3-minute limit, i.e. 60-90 s after the start (slurmctld checks limits every ~30 s)."""
 
 
 def test_slurm_time_limit_signal_checkpoints_then_the_next_sbatch_continues(slurm_cluster, reference, tmp_path,
                                                                            tiny_t5_dir, tiny_data):
-    """A job chain: ``sbatch --time=2 --signal=USR1@100`` (SLURM warns 100 s before the 2-minute
+    """A job chain: ``sbatch --time=3 --signal=USR1@120`` (SLURM warns 120 s before the 3-minute
     limit): every rank finishes its step, a checkpoint is written and the job ends COMPLETED with
-    STOPPED in the named output directory, no final model; the same sbatch again resumes from that
-    checkpoint and the chain ends at the uninterrupted weights."""
+    STOPPED in the named output directory, no final model; the same sbatch again (without the
+    slowed steps) resumes from that checkpoint and the chain ends at the uninterrupted weights."""
     run = tmp_path / "chain"
     cfg = multi_config(tmp_path / "cfg.yaml", tiny_t5_dir, tiny_data, tmp_path / "ignored")
     hook = step_delay_hook(tmp_path / "hook", CHAIN_STEP_DELAY)
     jobs, logs = [], []
     while not (run / "final").exists():
         assert len(jobs) < 4, f"the chain did not finish in 4 jobs:\n" + "\n".join(logs)
-        job = _submit_chain(slurm_cluster, tmp_path, cfg, run, 2, ["--time=2", "--signal=USR1@100"], **hook)
-        record = slurm_cluster.wait(job, timeout=240)
+        job = _submit_chain(slurm_cluster, tmp_path, cfg, run, 2, ["--time=3", "--signal=USR1@120"],
+                            **(hook if not jobs else {}))
+        record = slurm_cluster.wait(job, timeout=300)
         jobs.append(job)
         logs.append(_tail(tmp_path / f"slurm-{job}.out"))
         assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", f"{record}\n{logs[-1]}"

@@ -156,6 +156,10 @@ def _check_supported(stage: int, fp16: bool, bf16: bool, offloaded: list[str]) -
                          "and masters then live in other buffers)")
 
 
+_SCHEDULED = ("params", "lr", "initial_lr")
+"""Parameter-group keys a universal load may set (the rest are optim.*'s fixed settings)."""
+
+
 class DeepSpeedBackend(Backend):
     """A model trained by a DeepSpeed engine at ZeRO stage 0 (fp32), 1, 2 or 3 (fp32 or bf16).
 
@@ -307,6 +311,8 @@ class DeepSpeedBackend(Backend):
         universal = self.needs_universal(saved_world_size)
         config = self.engine._config
         before = config.load_universal_checkpoint
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        groups = [{k: v for k, v in g.items() if k not in _SCHEDULED} for g in inner.param_groups]
         config.load_universal_checkpoint = universal
         try:
             load_path, _ = self.engine.load_checkpoint(str(path), tag="state")
@@ -314,6 +320,13 @@ class DeepSpeedBackend(Backend):
             config.load_universal_checkpoint = before
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeedBackend: no DeepSpeed checkpoint in {path}")
+        if universal:
+            # DeepSpeed 0.19.8's ZeRO-3 universal load gives every parameter group the
+            # hyperparameters of group 0 (load_hp_checkpoint_state_from_checkpoint_dir_stage3):
+            # the no-decay group (biases, layer norms) would get the weight decay. The groups'
+            # fixed settings come from optim.* and are put back; the scheduled lr stays as loaded.
+            for group, saved in zip(inner.param_groups, groups):
+                group.update(saved)
 
     def needs_universal(self, saved_world_size: int | None) -> bool:
         """Whether a checkpoint written at ``saved_world_size`` processes must go through

@@ -90,7 +90,9 @@ def prepare(cfg: Config) -> Prepared:
 
 
 def run(cfg: Config) -> Path:
-    """Train; returns the final model directory. Every rank calls it."""
+    """Train; returns the final model directory (or, stopped by a signal, the checkpoint). Every
+    rank calls it."""
+    stop = signals.StopRequest().install()   # first: a SLURM warning during start-up is kept, not lost
     prep = prepare(cfg)
     logging.basicConfig(level=logging.INFO if prep.env.rank == 0 else logging.WARNING,
                         format=f"[rank {prep.env.rank}] %(message)s")
@@ -99,7 +101,9 @@ def run(cfg: Config) -> Path:
     device = distributed.init(prep.env, cfg.backend.dist_backend, cfg.backend.timeout_minutes,
                               use_deepspeed=prep.backend_name == "deepspeed")
     try:
-        return _train(Run.start(cfg, prep, device))
+        started = Run.start(cfg, prep, device)
+        started.stop = stop
+        return _train(started)
     finally:
         distributed.shutdown()
 
@@ -210,7 +214,8 @@ def _train(run: Run) -> Path:
     """The steps; returns the final model directory, or the checkpoint written when a stop signal
     (:mod:`.signals`) ended the run early."""
     cfg, t = run.cfg, run.cfg.train
-    run.stop = signals.StopRequest().install()
+    if run.stop is None:
+        run.stop = signals.StopRequest().install()
     run.resume()
     run.write_run_files()
     run.metrics = MetricsLogger(run.output_dir, run.is_main, t.tensorboard)
