@@ -269,8 +269,10 @@ STEPS, SAVE_AT, GLOBAL = 12, 6, 6
 
 def _command(kind: str, cfg: Path, overrides: list[str], n: int) -> list[str]:
     tail = [TRAIN, "--config", str(cfg), *overrides]
-    if kind in ("zero2", "zero3"):
+    if kind in ("zero0", "zero2", "zero3"):
         return [str(BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", str(free_port()), *tail]
+    if kind == "ddp":
+        return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(n), *tail]
     if kind in ("fsdp1", "fsdp2"):
         return [str(BIN / "accelerate"), "launch", "--config_file", f"configs/accelerate/{kind}.yaml",
                 "--num_processes", str(n), "--main_process_port", str(free_port()), *tail]
@@ -284,12 +286,16 @@ def elastic_root(tmp_path_factory) -> Path:
 
 def _config_for(root: Path, name: str, model_dir: str, data: dict, kind: str) -> Path:
     backend = {"timeout_minutes": 0.5}
-    if kind in ("zero2", "zero3"):
+    if kind in ("zero0", "zero2", "zero3"):
         backend["deepspeed_config"] = f"configs/deepspeed/{kind}.json"
+    elif kind == "ddp":
+        backend["name"] = "ddp"
     return write_config(root / f"{name}.yaml", model_dir, data, root / name,
                         train={"max_steps": STEPS, "save_every": SAVE_AT, "keep_last_n": 4, "micro_batch_size": 1,
                                "grad_accum_steps": GLOBAL // 2, "log_every": 100},
-                        backend=backend, fsam={"rho": 0.05, "keep_ratio": 0.1, "mask_interval": 4})
+                        backend=backend, fsam={"rho": 0.05, "keep_ratio": 0.1, "mask_interval": 4},
+                        # two parameter groups that differ (biases and layer norms without decay)
+                        optim={"weight_decay": 0.01})
 
 
 def global_mask(ckpt: Path) -> dict[int, bool]:
@@ -365,6 +371,16 @@ def check_elastic(kind: str, runs: dict) -> None:
 @pytest.mark.parametrize("kind", ["fsdp2", "zero2", "zero3", "fsdp1"])
 def test_resume_at_another_world_size_reaches_the_uninterrupted_weights(kind, elastic_root, micro_model, tiny_data):
     check_elastic(kind, elastic_case(kind, elastic_root, micro_model, tiny_data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ddp", "zero0"])
+def test_replicated_state_resumes_at_another_world_size(kind, elastic_root, micro_model, tiny_data):
+    """DDP and ZeRO-0 hold replicated state, which loads at any world size as saved (no
+    conversion; the FSAM rank files are identical copies): 2 ranks → 1 rank == uninterrupted."""
+    runs = elastic_case(kind, elastic_root, micro_model, tiny_data, worlds=(1,))
+    assert "universal" not in runs[1].output
+    check_elastic(kind, runs)
 
 
 # ---- 4. a stop signal (SLURM's time-limit warning) ends the run at a step with a checkpoint ------

@@ -321,12 +321,19 @@ class DeepSpeedBackend(Backend):
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeedBackend: no DeepSpeed checkpoint in {path}")
         if universal:
-            # DeepSpeed 0.19.8's ZeRO-3 universal load gives every parameter group the
-            # hyperparameters of group 0 (load_hp_checkpoint_state_from_checkpoint_dir_stage3):
-            # the no-decay group (biases, layer norms) would get the weight decay. The groups'
-            # fixed settings come from optim.* and are put back; the scheduled lr stays as loaded.
+            # Two defects of DeepSpeed 0.19.8's ZeRO-3 universal load
+            # (load_hp_checkpoint_state_from_checkpoint_dir_stage3), undone here:
+            # 1. every parameter group gets group 0's hyperparameters, so the no-decay group
+            #    (biases, layer norms) would get the weight decay: the groups' fixed settings come
+            #    from optim.* and are put back; the scheduled lr stays as loaded;
+            # 2. every sub-group's Adam state gets the *same* 'step' tensor, which torch's AdamW
+            #    increments in place once per sub-group step: the step count would advance by the
+            #    number of sub-groups per iteration (wrong bias correction). Each gets its own copy.
             for group, saved in zip(inner.param_groups, groups):
                 group.update(saved)
+            for state in inner.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
 
     def needs_universal(self, saved_world_size: int | None) -> bool:
         """Whether a checkpoint written at ``saved_world_size`` processes must go through
