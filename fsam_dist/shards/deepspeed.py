@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from ..core import DEFAULT_EXCLUDE, REPLICATED, ShardView, global_positions, grad_norm, is_eligible
 from .base import Backend, LossFn
-from .deepspeed_internals import (check_version, zero3_copy_masters, zero3_local, zero3_publish,
+from .deepspeed_internals import (check_version, load_universal, zero3_copy_masters, zero3_local, zero3_publish,
                                   zero12_clear_grads, zero12_fragment)
 
 
@@ -47,10 +47,6 @@ def check_supported(stage: int, fp16: bool, bf16: bool, offloaded: list[str]) ->
     for key in offloaded:
         raise ValueError(f"DeepSpeedBackend: zero_optimization.{key} is not supported (the gradients "
                          "and masters then live in other buffers)")
-
-
-_SCHEDULED = ("params", "lr", "initial_lr")
-"""Parameter-group keys a universal load may set (the rest are optim.*'s fixed settings)."""
 
 
 class DeepSpeedBackend(Backend):
@@ -168,64 +164,20 @@ class DeepSpeedBackend(Backend):
         self.engine.save_checkpoint(str(path), tag="state")
 
     def load_state(self, path: str, saved_world_size: int | None = None) -> None:
-        """``engine.load_checkpoint`` of what :meth:`save_state` wrote. When
-        :meth:`needs_universal` (ZeRO-1/2/3 at another data-parallel size), ``path`` is the output
-        of :meth:`write_universal` and it is loaded with DeepSpeed's ``load_universal`` switched
-        on for this one call (the engine's config is not changed otherwise)."""
-        universal = self.needs_universal(saved_world_size)
-        config = self.engine._config
-        before = config.load_universal_checkpoint
-        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
-        groups = [{k: v for k, v in g.items() if k not in _SCHEDULED} for g in inner.param_groups]
-        config.load_universal_checkpoint = universal
-        try:
-            load_path, _ = self.engine.load_checkpoint(str(path), tag="state")
-        finally:
-            config.load_universal_checkpoint = before
+        """``engine.load_checkpoint`` of what :meth:`save_state` wrote. When :meth:`needs_universal`,
+        ``path`` is a universal checkpoint (:func:`fsam_dist.train.elastic.write_universal`),
+        loaded by :func:`~.deepspeed_internals.load_universal`."""
+        if self.needs_universal(saved_world_size):
+            load_universal(self.engine, str(path))
+            return
+        load_path, _ = self.engine.load_checkpoint(str(path), tag="state")
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeedBackend: no DeepSpeed checkpoint in {path}")
-        if universal:
-            # Two defects of DeepSpeed 0.19.8's ZeRO-3 universal load
-            # (load_hp_checkpoint_state_from_checkpoint_dir_stage3), undone here:
-            # 1. every parameter group gets group 0's hyperparameters, so the no-decay group
-            #    (biases, layer norms) would get the weight decay: the groups' fixed settings come
-            #    from optim.* and are put back; the scheduled lr stays as loaded;
-            # 2. every sub-group's Adam state gets the *same* 'step' tensor, which torch's AdamW
-            #    increments in place once per sub-group step: the step count would advance by the
-            #    number of sub-groups per iteration (wrong bias correction). Each gets its own copy.
-            for group, saved in zip(inner.param_groups, groups):
-                group.update(saved)
-            for state in inner.state.values():
-                if torch.is_tensor(state.get("step")):
-                    state["step"] = state["step"].clone()
 
     def needs_universal(self, saved_world_size: int | None) -> bool:
-        """Whether a checkpoint written at ``saved_world_size`` processes must go through
-        DeepSpeed's universal checkpoint: ZeRO-1/2/3 partition the optimizer state by
-        data-parallel rank; ZeRO-0's state is replicated and loads at any size."""
+        """ZeRO-1/2/3 state written at another data-parallel size (ZeRO-0's is replicated)."""
         dp = dist.get_world_size(self.engine.data_parallel_group)
         return saved_world_size is not None and saved_world_size != dp and self.stage > 0
-
-    @staticmethod
-    def write_universal(source: str, out: str) -> None:
-        """Convert the DeepSpeed checkpoint ``source`` (:meth:`save_state`'s directory) into a
-        universal checkpoint under ``out`` (``out/state`` + ``out/latest_universal``) with
-        ``deepspeed.checkpoint.ds_to_universal`` -- the equivalent of ``python -m
-        deepspeed.checkpoint.ds_to_universal --input_folder SOURCE/state --output_folder OUT/state
-        --inject_missing_state``. No collectives: one process (rank 0) calls it."""
-        import argparse
-        import os
-        import shutil
-
-        from deepspeed.checkpoint import ds_to_universal
-
-        shutil.rmtree(out, ignore_errors=True)
-        os.makedirs(out)
-        args = argparse.Namespace(input_folder=os.path.join(str(source), "state"),
-                                  output_folder=os.path.join(str(out), "state"), num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                  inject_missing_state=True)
-        ds_to_universal.main(args)
 
     def full_weights_module(self) -> torch.nn.Module | None:
         """The module at stages 0-2 (every rank holds all current weights); None under ZeRO-3."""

@@ -220,7 +220,8 @@ def _rotate(output_dir: str | Path, newest: Path, keep_last_n: int) -> None:
 RESHARDS = {"single": "replicated state (every rank holds all of it)",
             "ddp": "replicated state (every rank holds all of it)",
             "fsdp": "torch.distributed.checkpoint reshards model and optimizer state on load",
-            "deepspeed": "DeepSpeed's universal checkpoint (ds_to_universal, then load_universal)"}
+            "deepspeed": "ZeRO-0 replicated; ZeRO-1/2/3 through DeepSpeed's universal checkpoint (ds_to_universal, "
+                         "then load_universal)"}
 """How each backend's own state is loaded at a world size other than the one that wrote it."""
 
 
@@ -253,7 +254,9 @@ def load(path: Path, backend, fsam, rank: int, world_size: int, backend_name: st
             scratch = path.parent / f".universal-{path.name}"
             try:
                 if rank == 0:
-                    backend.write_universal(path / "backend", scratch)
+                    from .elastic import write_universal
+
+                    write_universal(path / "backend", scratch)
                 distributed.host_barrier()
                 backend.load_state(scratch, saved_world_size=saved_world)
                 distributed.host_barrier()

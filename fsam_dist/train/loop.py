@@ -20,6 +20,7 @@ from ..config import Config, ConfigError
 from . import checkpoint, distributed, faults, signals
 from .backends import build_backend, preflight, resolve_backend
 from .batches import GlobalBatches
+from .elastic import keep_global_batch
 from .evaluate import evaluate
 from .loss import count_target_tokens, seq2seq_loss_sum
 from .metrics import MetricsLogger, truncate_after
@@ -328,35 +329,6 @@ def _resume_path(cfg: Config, output_dir: Path, world_size: int, backend_name: s
             raise ConfigError(f"train.resume: checkpoint {path} belongs to a different run ({difference}); "
                               f"use a new train.output_dir, or train.resume=force to continue it anyway")
     return path
-
-
-def keep_global_batch(cfg: Config, saved_config: dict, saved_world: int, world_size: int, path: Path) -> str | None:
-    """Resuming at ``world_size`` a run written at ``saved_world``: keep its global batch
-    G = micro_batch_size × world × grad_accum_steps (so step t still reads examples t·G …). When
-    this run's G differs and G is a multiple of micro_batch_size × world_size, set
-    ``cfg.train.grad_accum_steps`` to the quotient and return the log line saying so; otherwise
-    raise one ConfigError naming the fields. None when nothing changes."""
-    try:
-        saved_train = saved_config["train"]
-        target = int(saved_train["micro_batch_size"]) * saved_world * int(saved_train["grad_accum_steps"])
-    except (KeyError, TypeError, ValueError):
-        return None   # different_run() reports a config it cannot read
-    t = cfg.train
-    if t.micro_batch_size * world_size * t.grad_accum_steps == target:
-        return None
-    per_step = t.micro_batch_size * world_size
-    if target % per_step:
-        raise ConfigError(
-            f"train.grad_accum_steps: checkpoint {path} was written at {saved_world} processes with global batch "
-            f"{target} (train.micro_batch_size × processes × train.grad_accum_steps); at {world_size} processes "
-            f"with train.micro_batch_size {t.micro_batch_size} no whole train.grad_accum_steps keeps it ({target} "
-            f"is not a multiple of {t.micro_batch_size} × {world_size}): set train.micro_batch_size and "
-            f"train.grad_accum_steps so that micro_batch_size × {world_size} × grad_accum_steps = {target}, or "
-            f"resume with a number of processes N for which micro_batch_size × N divides {target}")
-    old, t.grad_accum_steps = t.grad_accum_steps, target // per_step
-    return (f"resuming at {world_size} processes a run written at {saved_world}: train.grad_accum_steps "
-            f"{old} → {t.grad_accum_steps} keeps the global batch at {target} "
-            f"({t.micro_batch_size} × {world_size} × {t.grad_accum_steps})")
 
 
 def _eval_examples(cfg: Config, load_examples) -> list[dict]:
