@@ -217,19 +217,12 @@ def _rotate(output_dir: str | Path, newest: Path, keep_last_n: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-RESHARDS = {"single": "replicated state (every rank holds all of it)",
-            "ddp": "replicated state (every rank holds all of it)",
-            "fsdp": "torch.distributed.checkpoint reshards model and optimizer state on load",
-            "deepspeed": "ZeRO-0 replicated; ZeRO-1/2/3 through DeepSpeed's universal checkpoint (ds_to_universal, "
-                         "then load_universal)"}
-"""How each backend's own state is loaded at a world size other than the one that wrote it."""
-
-
 def load(path: Path, backend, fsam, rank: int, world_size: int, backend_name: str) -> dict:
     """Collective. Restores backend, FSAM and RNG state; returns trainer.json's content.
 
     At another world size (elastic resume): the backend reshards its own state
-    (:data:`RESHARDS`; ``backend.load_state(dir, saved_world_size)``), and the FSAM state of every
+    (``backend.load_state(dir, saved_world_size)``: DCP for FSDP, replicated state as saved,
+    DeepSpeed ZeRO-1/2/3 through a universal checkpoint converted here first), and the FSAM state of every
     rank file is merged by global position (:func:`fsam_dist.core.reshard.merge_states`; the files
     are memory-mapped, so a rank reads only what it cuts for its views at the next step). The RNG
     state is per rank and is then not restored (it drives dropout only)."""
@@ -245,10 +238,12 @@ def load(path: Path, backend, fsam, rank: int, world_size: int, backend_name: st
     if saved_world == world_size or replicated:
         backend.load_state(path / "backend")
     else:
-        log.info("resuming %s at %d processes from a checkpoint written at %d: %s", backend_name, world_size,
-                 saved_world, RESHARDS.get(backend_name, "resharded by the backend"))
         needs_universal = getattr(backend, "needs_universal", None)
-        if needs_universal is not None and needs_universal(saved_world):
+        universal = needs_universal is not None and needs_universal(saved_world)
+        log.info("resuming %s at %d processes from a checkpoint written at %d: %s", backend_name, world_size,
+                 saved_world, "converting it to DeepSpeed's universal checkpoint" if universal else
+                 "its state is loaded resharded by the backend (or replicated)")
+        if universal:
             # DeepSpeed ZeRO-1/2/3: rank 0 converts into a scratch directory next to the checkpoint
             # (the checkpoint itself stays as its manifest says), every rank loads from it.
             scratch = path.parent / f".universal-{path.name}"
