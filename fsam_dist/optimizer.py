@@ -362,16 +362,40 @@ class FSAMOptimizer:
         return {"step_count": self.step_count, "rank": rank, "world_size": world,
                 "fsam": None if self.fsam is None else moved_to(self.fsam.state_dict(), torch.device("cpu"))}
 
+    @staticmethod
+    def merge_state_dicts(states: list[dict]) -> dict:
+        """Every rank's :meth:`state_dict` of one save (any order) as one state that
+        :meth:`load_state_dict` accepts on any rank at any world size: the FSAM state by global
+        position (:mod:`fsam_dist.core.reshard`), cut for the loading rank's shards at its next step.
+        (The base optimizer / engine state is resharded the backend's way, e.g. DCP or DeepSpeed's
+        universal checkpoint.)"""
+        from .core.reshard import merge_states
+
+        worlds = {s["world_size"] for s in states}
+        if len(worlds) != 1 or sorted(s["rank"] for s in states) != list(range(worlds.copy().pop())):
+            raise FSAMUsageError("FSAMOptimizer.merge_state_dicts(): pass the state_dict() of every rank of one "
+                                 f"save, got ranks {sorted(s['rank'] for s in states)} of world sizes {sorted(worlds)}")
+        steps = {s["step_count"] for s in states}
+        if len(steps) != 1:
+            raise FSAMUsageError(f"FSAMOptimizer.merge_state_dicts(): the ranks are at different steps {sorted(steps)}")
+        fsam = [s["fsam"] for s in states]
+        if any(f is None for f in fsam) and not all(f is None for f in fsam):
+            raise FSAMUsageError("FSAMOptimizer.merge_state_dicts(): some ranks saved FSAM state and others none")
+        return {"step_count": steps.pop(), "rank": None, "world_size": None,
+                "fsam": None if fsam[0] is None else merge_states(fsam)}
+
     def load_state_dict(self, state: dict) -> None:
-        """Load :meth:`state_dict` output saved by the same rank of a run with the same world size."""
+        """Load :meth:`state_dict` output saved by the same rank of a run with the same world size,
+        or :meth:`merge_state_dicts` output (any rank, any world size)."""
         if self._phase != "idle":
             raise FSAMUsageError("FSAMOptimizer.load_state_dict() in the middle of a step")
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if (state["rank"], state["world_size"]) != (rank, world):
+        if state["rank"] is not None and (state["rank"], state["world_size"]) != (rank, world):
             raise FSAMUsageError(f"FSAMOptimizer.load_state_dict(): state of rank {state['rank']} of "
                                  f"{state['world_size']}, loaded on rank {rank} of {world}: the mask is sharded, "
-                                 "load each rank's own state at the same world size")
+                                 "load each rank's own state at the same world size, or all ranks' states merged "
+                                 "with FSAMOptimizer.merge_state_dicts() at any world size")
         self.step_count = int(state["step_count"])
         if self.fsam is not None and state["fsam"] is not None:
             device = next(self.backend.model.parameters()).device

@@ -449,4 +449,6 @@ def step_delay_hook(directory: Path, seconds: float) -> dict[str, str]:
     """Environment that makes every training step of a launched run ``seconds`` longer."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    return {"PYTHONPATH": str(directory), "FSAM_TEST_STEP_DELAY": str(seconds)}
+    # keep a PYTHONPATH already set (a worktree that puts its own checkout first)
+    path = os.pathsep.join(p for p in (str(directory), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "FSAM_TEST_STEP_DELAY": str(seconds)}

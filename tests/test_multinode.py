@@ -186,6 +186,89 @@ def test_slurm_node_killed_job_fails_then_requeue_resumes(slurm_cluster, referen
     print(f"requeued job resumed at step {resume_step}; vs one process: worst relative weight error {worst:.2e}")
 
 
+# ------------------------------------------------------------------ SLURM job chains (issue 20)
+
+def _submit_chain(cluster, tmp_path: Path, cfg: Path, run: Path, nodes: int, sbatch_args: list[str] = (),
+                  **env) -> int:
+    """sbatch with a named output directory (OUTPUT_DIR: every job of the chain uses it)."""
+    args = ["-N", str(nodes), "--job-name", JOB_NAME, "--output", str(tmp_path / "slurm-%j.out"), "--chdir",
+            str(REPO), *sbatch_args, SBATCH, str(cfg)]
+    return cluster.sbatch(args, _run_env(PYTHON=PYTHON, OUTPUT_DIR=str(run), RDZV_PORT=str(free_port()), **env),
+                          cwd=REPO)
+
+
+CHAIN_STEP_DELAY = 10.0
+"""s per step of the first job: its 8 steps (80 s after a start-up of ~20-40 s) outlast the warning,
+sent 120 s before the 3-minute limit, i.e. 60-90 s after the start (slurmctld checks limits every ~30 s)."""
+
+
+def test_slurm_time_limit_signal_checkpoints_then_the_next_sbatch_continues(slurm_cluster, reference, tmp_path,
+                                                                           tiny_t5_dir, tiny_data):
+    """A job chain: ``sbatch --time=3 --signal=USR1@120`` (SLURM warns 120 s before the 3-minute
+    limit): every rank finishes its step, a checkpoint is written and the job ends COMPLETED with
+    STOPPED in the named output directory, no final model; the same sbatch again (without the
+    slowed steps) resumes from that checkpoint and the chain ends at the uninterrupted weights."""
+    run = tmp_path / "chain"
+    cfg = multi_config(tmp_path / "cfg.yaml", tiny_t5_dir, tiny_data, tmp_path / "ignored")
+    hook = step_delay_hook(tmp_path / "hook", CHAIN_STEP_DELAY)
+    jobs, logs = [], []
+    while not (run / "final").exists():
+        assert len(jobs) < 4, f"the chain did not finish in 4 jobs:\n" + "\n".join(logs)
+        job = _submit_chain(slurm_cluster, tmp_path, cfg, run, 2, ["--time=3", "--signal=USR1@120"],
+                            **(hook if not jobs else {}))
+        record = slurm_cluster.wait(job, timeout=300)
+        jobs.append(job)
+        logs.append(_tail(tmp_path / f"slurm-{job}.out"))
+        assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", f"{record}\n{logs[-1]}"
+    first = logs[0]
+    assert len(jobs) >= 2 and "stopped on the signal" in first and "stopped on SIGUSR1 after step" in first, first
+    stopped_at = int(first.split("stopped on SIGUSR1 after step ")[1].split(":")[0])
+    assert 0 < stopped_at < STEPS
+    assert f"resumed from {run / 'checkpoints' / f'step-{stopped_at}'} at step {stopped_at}" in logs[1], logs[1]
+    assert not (tmp_path / "ignored").exists() and not (tmp_path / "runs").exists()
+    worst = _assert_final_equal(run, reference)
+    print(f"job chain {jobs}: first stopped on the time-limit signal after step {stopped_at}; "
+          f"vs one process: worst relative weight error {worst:.2e}")
+
+
+def test_slurm_fsdp_two_nodes_then_one_node_continues_the_run(slurm_cluster, reference, tmp_path, tiny_t5_dir,
+                                                              tiny_data):
+    """FSDP2 on 2 nodes, stopped by ``scancel --signal=USR1`` after its first checkpoint; the same
+    sbatch on 1 node continues it at 1 process (grad_accum_steps 1 → 2 keeps the global batch 8;
+    the sharded model, optimizer and FSAM state resharded) and ends at the uninterrupted weights."""
+    run = tmp_path / "chain"
+    cfg = multi_config(tmp_path / "cfg.yaml", tiny_t5_dir, tiny_data, tmp_path / "ignored")
+    variables = {"BACKEND": "fsdp", "ACCELERATE_CONFIG": "configs/accelerate/fsdp2.yaml"}
+    job = _submit_chain(slurm_cluster, tmp_path, cfg, run, 2, **variables,
+                        **step_delay_hook(tmp_path / "hook", STEP_DELAY))
+    log_path = tmp_path / f"slurm-{job}.out"
+
+    def first_checkpoint():
+        state = slurm_cluster.job(job)["JobState"]
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {state} before a checkpoint:\n{_tail(log_path)}"
+        return _newest_step(run) >= SAVE_EVERY
+
+    wait_for(first_checkpoint, 240, f"checkpoint step-{SAVE_EVERY}")
+    slurm_cluster.run(["scancel", "--signal=USR1", str(job)])
+    record = slurm_cluster.wait(job, timeout=180)
+    log = _tail(log_path)
+    assert record["JobState"] == "COMPLETED" and "stopped on SIGUSR1 after step" in log, f"{record}\n{log}"
+    assert not (run / "final").exists()
+    stopped_at = _resume_step(run)
+    assert SAVE_EVERY <= stopped_at < STEPS
+
+    job = _submit_chain(slurm_cluster, tmp_path, cfg, run, 1, **variables)
+    record = slurm_cluster.wait(job, timeout=300)
+    log = _tail(tmp_path / f"slurm-{job}.out")
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", f"{record}\n{log}"
+    assert "train.grad_accum_steps 1 → 2 keeps the global batch at 8" in log, log
+    assert f"resumed from {run / 'checkpoints' / f'step-{stopped_at}'} at step {stopped_at}" in log, log
+    assert "backend fsdp, 1 process(es), global batch 8" in log, log
+    worst = _assert_final_equal(run, reference)
+    print(f"FSDP2: 2 nodes stopped after step {stopped_at}, 1 node continued; vs one process: worst relative "
+          f"weight error {worst:.2e}")
+
+
 # ------------------------------------------------------------------------------ network namespaces
 
 _ports = iter(range(29400, 29500))     # inside fresh namespaces every port is free; a new one per run

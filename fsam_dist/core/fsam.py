@@ -45,6 +45,7 @@ from .comm import global_sums
 from .looksam import add_sharpness_component, sharpness_component
 from .masks import Mask, pack_bits
 from .norms import grad_norm, sumsq
+from .reshard import GLOBAL, place_masks, place_tensors
 from .restore import SMALL, Saved, restored, save
 from .select import topk_masks
 from .views import ShardView, chunks
@@ -333,6 +334,7 @@ class FSAM:
         self._masks: dict[tuple[str, int], Mask] | None = None
         self.mask_step: int | None = None
         self._pending: Perturbation | None = None
+        self._unplaced: dict | None = None   # a global state (reshard.py) loaded, cut at the first step
 
     # ---- the mask --------------------------------------------------------------------------
 
@@ -369,7 +371,7 @@ class FSAM:
         """Whether the mask is (re)computed at (perturbing) optimizer step ``step``: no mask yet,
         or ``step`` is the first perturbing step at or after a multiple ``m`` of ``mask_interval``
         and the mask was not refreshed since ``m``. With ``interval`` 1: ``step % mask_interval == 0``."""
-        if self._masks is None:
+        if self._masks is None and (self._unplaced is None or self._unplaced["masks"] is None):
             return True
         latest = step - step % self.mask_interval
         if step - latest >= self.interval:
@@ -387,6 +389,7 @@ class FSAM:
         """
         if self._pending is not None:
             raise RuntimeError("FSAM.ascend called twice without descend: weights are still perturbed")
+        self._place(views)
         if self.reuse_direction:
             # The old g_v is not used by a perturbed step and look() replaces it: free it before
             # copying g, so LookSAM holds one gradient-sized buffer at any time. (If pass 2 turns
@@ -442,6 +445,7 @@ class FSAM:
     def reuse(self, views: list[ShardView], group=None) -> dict:
         """After pass 1 of a plain step: add the kept g_v, scaled, to the gradient (in place).
         A plain step until the first :meth:`look`."""
+        self._place(views)
         if self._component is None:
             return {}
         return {**add_sharpness_component(views, self._component, self._component_sumsq, self.reuse_alpha,
@@ -452,7 +456,13 @@ class FSAM:
 
     def state_dict(self) -> dict:
         """Local (per-rank) state: compact mask shards, the step of the last refresh and, with
-        ``reuse_direction``, LookSAM's g_v shards (plain data: ``torch.load(..., weights_only=True)`` reads it)."""
+        ``reuse_direction``, LookSAM's g_v shards (plain data: ``torch.load(..., weights_only=True)`` reads it).
+
+        Every shard is listed as ``(name, global position, value)`` (:mod:`.reshard`): the states
+        of all ranks, merged with :func:`~fsam_dist.core.reshard.merge_states`, load at any world
+        size. A global state loaded but not yet cut (no step since) is returned as it was loaded."""
+        if self._unplaced is not None:
+            return self._unplaced
         state = {"mask_step": self.mask_step,
                  "masks": None if self._masks is None else
                  [(name, pos, m.state()) for (name, pos), m in self._masks.items()]}
@@ -462,11 +472,37 @@ class FSAM:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Load :meth:`state_dict` output."""
+        """Load :meth:`state_dict` output: this rank's own state (same world size and layout), or a
+        global state (:func:`~fsam_dist.core.reshard.merge_states` of every rank's), which is cut
+        for this rank's views at the next :meth:`ascend` / :meth:`reuse` (until then
+        :attr:`masks` is None, though :meth:`refresh_due` knows a mask exists)."""
         self.mask_step = state["mask_step"]
+        if state.get("layout") == GLOBAL:
+            self._unplaced = state
+            self._masks, self._component, self._component_sumsq, self._look_grad_norm = None, None, 0.0, 0.0
+            return
+        self._unplaced = None
         self._masks = None if state["masks"] is None else \
             {(n, p): Mask.from_state(m) for n, p, m in state["masks"]}
         reuse = state.get("reuse")
         self._component = None if reuse is None else {(n, p): t for n, p, t in reuse["component"]}
         self._component_sumsq = 0.0 if reuse is None else float(reuse["sumsq"])
         self._look_grad_norm = 0.0 if reuse is None else float(reuse["look_grad_norm"])
+
+    def _place(self, views: list[ShardView]) -> None:
+        """Cut a loaded global state for this rank's ``views`` (no collectives). This rank's
+        Σ g_v² is summed again from its slices, chunk by chunk as :func:`sharpness_component` does."""
+        if self._unplaced is None:
+            return
+        state, self._unplaced = self._unplaced, None
+        self._masks = None if state["masks"] is None else place_masks(state["masks"], views)
+        reuse = state.get("reuse")
+        if reuse is not None:
+            self._component = place_tensors(reuse["component"], views)
+            self._look_grad_norm = float(reuse["look_grad_norm"])
+            local = 0.0
+            for view in views:
+                g = self._component[view.key]
+                for start, end in chunks(view.numel):
+                    local += float(sumsq(g[start:end]))
+            self._component_sumsq = local

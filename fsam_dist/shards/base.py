@@ -98,9 +98,10 @@ class Backend:
         ``path``. Every rank calls it; each writes what it owns."""
         raise NotImplementedError
 
-    def load_state(self, path: str) -> None:
-        """Restore what :meth:`save_state` wrote into ``path`` (same backend and world size).
-        Every rank calls it."""
+    def load_state(self, path: str, saved_world_size: int | None = None) -> None:
+        """Restore what :meth:`save_state` wrote into ``path`` (same backend). Every rank calls it.
+        ``saved_world_size``: given when the checkpoint was written by a different number of
+        processes; the adapter reshards its state, or raises one clear error saying why it cannot."""
         raise NotImplementedError
 
     def full_weights_module(self) -> torch.nn.Module | None:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from ..core import DEFAULT_EXCLUDE, REPLICATED, ShardView, global_positions, grad_norm, is_eligible
 from .base import Backend, LossFn
-from .deepspeed_internals import (check_version, zero3_copy_masters, zero3_local, zero3_publish,
+from .deepspeed_internals import (check_version, load_universal, zero3_copy_masters, zero3_local, zero3_publish,
                                   zero12_clear_grads, zero12_fragment)
 
 
@@ -163,11 +163,21 @@ class DeepSpeedBackend(Backend):
         """``engine.save_checkpoint`` into the directory ``path`` (each rank writes its shards)."""
         self.engine.save_checkpoint(str(path), tag="state")
 
-    def load_state(self, path: str) -> None:
-        """``engine.load_checkpoint`` of what :meth:`save_state` wrote (same world size and stage)."""
+    def load_state(self, path: str, saved_world_size: int | None = None) -> None:
+        """``engine.load_checkpoint`` of what :meth:`save_state` wrote. When :meth:`needs_universal`,
+        ``path`` is a universal checkpoint (:func:`fsam_dist.train.elastic.write_universal`),
+        loaded by :func:`~.deepspeed_internals.load_universal`."""
+        if self.needs_universal(saved_world_size):
+            load_universal(self.engine, str(path))
+            return
         load_path, _ = self.engine.load_checkpoint(str(path), tag="state")
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeedBackend: no DeepSpeed checkpoint in {path}")
+
+    def needs_universal(self, saved_world_size: int | None) -> bool:
+        """ZeRO-1/2/3 state written at another data-parallel size (ZeRO-0's is replicated)."""
+        dp = dist.get_world_size(self.engine.data_parallel_group)
+        return saved_world_size is not None and saved_world_size != dp and self.stage > 0
 
     def full_weights_module(self) -> torch.nn.Module | None:
         """The module at stages 0-2 (every rank holds all current weights); None under ZeRO-3."""

@@ -165,8 +165,10 @@ class FSDPBackend(Backend):
             torch.save(self.scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
         dist.barrier()
 
-    def load_state(self, path: str) -> None:
-        """Load what :meth:`save_state` wrote (collective)."""
+    def load_state(self, path: str, saved_world_size: int | None = None) -> None:
+        """Load what :meth:`save_state` wrote (collective), at any world size: DCP reads the
+        shards this rank now owns from whichever files hold them (``saved_world_size`` needs
+        nothing else; the scheduler state is the same on every rank)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 

@@ -75,7 +75,8 @@ class LocalBackend(Backend):
         if self.ddp:
             dist.barrier()
 
-    def load_state(self, path: str) -> None:
+    def load_state(self, path: str, saved_world_size: int | None = None) -> None:
+        """Load :meth:`save_state`'s file; the state is replicated, so any world size reads it."""
         state = torch.load(os.path.join(path, "local_state.pt"), map_location="cpu", weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -4,7 +4,9 @@ Layout of a complete checkpoint::
 
     checkpoints/step-N/
         backend/          the backend's own state (DeepSpeed engine / DCP / torch.save)
-        rank-R.pt         per rank: FSAM state (mask shards), RNG state (weights_only-loadable)
+        rank-R.pt         per rank: FSAM state (mask and g_v shards by global position), RNG
+                          state (weights_only-loadable); all ranks' files together load at any
+                          world size (fsam_dist.core.reshard)
         manifest.json     size and SHA-256 of every file above
         trainer.json      step, world size, backend, config
         COMPLETE          written last, before the rename
@@ -216,27 +218,64 @@ def _rotate(output_dir: str | Path, newest: Path, keep_last_n: int) -> None:
 
 
 def load(path: Path, backend, fsam, rank: int, world_size: int, backend_name: str) -> dict:
-    """Collective. Restores backend, FSAM and RNG state; returns trainer.json's content."""
+    """Collective. Restores backend, FSAM and RNG state; returns trainer.json's content.
+
+    At another world size (elastic resume): the backend reshards its own state
+    (``backend.load_state(dir, saved_world_size)``: DCP for FSDP, replicated state as saved,
+    DeepSpeed ZeRO-1/2/3 through a universal checkpoint converted here first), and the FSAM state of every
+    rank file is merged by global position (:func:`fsam_dist.core.reshard.merge_states`; the files
+    are memory-mapped, so a rank reads only what it cuts for its views at the next step). The RNG
+    state is per rank and is then not restored (it drives dropout only)."""
+    from ..core.reshard import merge_states
+
     trainer_state = json.loads((path / "trainer.json").read_text())
     saved_world, saved_backend = trainer_state["world_size"], trainer_state["backend"]
     if saved_backend != backend_name:
         raise RuntimeError(f"checkpoint {path} was written by backend {saved_backend!r}, this run uses "
                            f"{backend_name!r}; resume with the same backend or set train.resume=none")
     replicated = backend_name in ("single", "ddp")
-    if saved_world != world_size and not replicated:
-        raise RuntimeError(f"checkpoint {path} was written with {saved_world} processes, this run has "
-                           f"{world_size}: {backend_name} shards are per rank, so resume with "
-                           f"{saved_world} processes (or set train.resume=none)")
     check_unpickling(path)
-    backend.load_state(path / "backend")
-    rank_file = path / f"rank-{rank if not replicated else 0}.pt"
-    # map_location: the file was written on the CPU; never let a saved device decide (every rank
-    # would load onto cuda:0). The FSAM state then goes to this rank's device.
-    rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
-    if fsam is not None and rank_state["fsam"] is not None:
-        fsam.load_state_dict(moved_to(rank_state["fsam"], _state_device(backend)))
-    if saved_world == world_size:
-        set_rng_state(rank_state["rng"])
+    if saved_world == world_size or replicated:
+        backend.load_state(path / "backend")
+    else:
+        needs_universal = getattr(backend, "needs_universal", None)
+        universal = needs_universal is not None and needs_universal(saved_world)
+        log.info("resuming %s at %d processes from a checkpoint written at %d: %s", backend_name, world_size,
+                 saved_world, "converting it to DeepSpeed's universal checkpoint" if universal else
+                 "its state is loaded resharded by the backend (or replicated)")
+        if universal:
+            # DeepSpeed ZeRO-1/2/3: rank 0 converts into a scratch directory next to the checkpoint
+            # (the checkpoint itself stays as its manifest says), every rank loads from it.
+            scratch = path.parent / f".universal-{path.name}"
+            try:
+                if rank == 0:
+                    from .elastic import write_universal
+
+                    write_universal(path / "backend", scratch)
+                distributed.host_barrier()
+                backend.load_state(scratch, saved_world_size=saved_world)
+                distributed.host_barrier()
+            finally:
+                if rank == 0:
+                    shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            backend.load_state(path / "backend", saved_world_size=saved_world)
+    if saved_world == world_size or replicated:
+        rank_file = path / f"rank-{rank if not replicated else 0}.pt"
+        # map_location: the file was written on the CPU; never let a saved device decide (every rank
+        # would load onto cuda:0). The FSAM state then goes to this rank's device.
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+        if fsam is not None and rank_state["fsam"] is not None:
+            fsam.load_state_dict(moved_to(rank_state["fsam"], _state_device(backend)))
+        if saved_world == world_size:
+            set_rng_state(rank_state["rng"])
+    elif fsam is not None:
+        states = [torch.load(path / f"rank-{r}.pt", map_location="cpu", weights_only=True, mmap=True)["fsam"]
+                  for r in range(saved_world)]
+        if any(s is not None for s in states):
+            if any(s is None for s in states):
+                raise RuntimeError(f"checkpoint {path}: some rank files hold FSAM state and others none")
+            fsam.load_state_dict(merge_states(states))   # cut onto this rank's views (and device) at the next step
     return trainer_state
 
 

@@ -17,9 +17,10 @@ from typing import Any, Callable
 import torch
 
 from ..config import Config, ConfigError
-from . import checkpoint, distributed, faults
+from . import checkpoint, distributed, faults, signals
 from .backends import build_backend, preflight, resolve_backend
 from .batches import GlobalBatches
+from .elastic import keep_global_batch
 from .evaluate import evaluate
 from .loss import count_target_tokens, seq2seq_loss_sum
 from .metrics import MetricsLogger, truncate_after
@@ -46,6 +47,8 @@ class Prepared:
     global_batch: int
     resume_from: Path | None
     eval_examples: list[dict]
+    notes: list[str] | None = None
+    """Log lines for rank 0 once logging is set up (e.g. grad_accum_steps adjusted on resume)."""
 
 
 def prepare(cfg: Config) -> Prepared:
@@ -55,6 +58,10 @@ def prepare(cfg: Config) -> Prepared:
 
     env = distributed.detect_env()
     name = resolve_backend(cfg, env)
+    notes: list[str] = []
+    # Before preflight: resuming at another world size may change train.grad_accum_steps (which
+    # the DeepSpeed config is filled from).
+    resume_from = _resume_path(cfg, Path(cfg.train.output_dir), env.world_size, name, notes)
     ds_config = preflight(cfg, env, name)
     global_batch = cfg.train.micro_batch_size * env.world_size * cfg.train.grad_accum_steps
     try:
@@ -79,20 +86,25 @@ def prepare(cfg: Config) -> Prepared:
     if len(features) < env.world_size:
         raise ConfigError(f"data.train_file: {len(features)} usable example(s) for {env.world_size} processes; "
                           "give it more data or start fewer processes")
-    resume_from = _resume_path(cfg, Path(cfg.train.output_dir), env.world_size)
     return Prepared(env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from,
-                    eval_examples)
+                    eval_examples, notes)
 
 
 def run(cfg: Config) -> Path:
-    """Train; returns the final model directory. Every rank calls it."""
+    """Train; returns the final model directory (or, stopped by a signal, the checkpoint). Every
+    rank calls it."""
+    stop = signals.StopRequest().install()   # first: a SLURM warning during start-up is kept, not lost
     prep = prepare(cfg)
     logging.basicConfig(level=logging.INFO if prep.env.rank == 0 else logging.WARNING,
                         format=f"[rank {prep.env.rank}] %(message)s")
+    for note in prep.notes or ():
+        log.info("%s", note)
     device = distributed.init(prep.env, cfg.backend.dist_backend, cfg.backend.timeout_minutes,
                               use_deepspeed=prep.backend_name == "deepspeed")
     try:
-        return _train(Run.start(cfg, prep, device))
+        started = Run.start(cfg, prep, device)
+        started.stop = stop
+        return _train(started)
     finally:
         distributed.shutdown()
 
@@ -111,6 +123,7 @@ class Run:
     faults: faults.FaultPlan | None
     metrics: MetricsLogger | None = None
     start_step: int = 0
+    stop: signals.StopRequest | None = None
 
     @property
     def is_main(self) -> bool:
@@ -174,6 +187,7 @@ class Run:
             return
         prep, out = self.prep, self.output_dir
         out.mkdir(parents=True, exist_ok=True)
+        signals.clear_marker(out)
         truncate_after(out / "metrics.jsonl", self.start_step)
         (out / "config.json").write_text(self.cfg.model_dump_json(indent=2))
         (out / "data_report.json").write_text(json.dumps(prep.report.to_dict(), indent=2))
@@ -189,16 +203,20 @@ class Run:
         if self.is_main:
             log.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
 
-    def save(self, step: int) -> None:
+    def save(self, step: int) -> Path:
         env = self.prep.env
         state = {"step": step, "world_size": env.world_size, "backend": self.prep.backend_name,
                  "config": self.cfg.model_dump()}
-        checkpoint.save(self.output_dir, step, self.backend, self.fsam, state, env.rank, self.cfg.train.keep_last_n,
+        return checkpoint.save(self.output_dir, step, self.backend, self.fsam, state, env.rank, self.cfg.train.keep_last_n,
                         hook=None if self.faults is None else self.faults.checkpoint_hook)
 
 
 def _train(run: Run) -> Path:
+    """The steps; returns the final model directory, or the checkpoint written when a stop signal
+    (:mod:`.signals`) ended the run early."""
     cfg, t = run.cfg, run.cfg.train
+    if run.stop is None:
+        run.stop = signals.StopRequest().install()
     run.resume()
     run.write_run_files()
     run.metrics = MetricsLogger(run.output_dir, run.is_main, t.tensorboard)
@@ -228,8 +246,11 @@ def _train(run: Run) -> Path:
             done = step + 1
             if t.eval_every and done % t.eval_every == 0 and done < t.max_steps:
                 run.evaluate(done)
+            saved = None
             if t.save_every and done % t.save_every == 0 and done < t.max_steps:
-                run.save(done)
+                saved = run.save(done)
+            if done < t.max_steps and run.stop.agreed():   # collective: every rank stops after this step
+                return _stop(run, done, saved)
         if bar is not None:
             bar.close()
             bar = None
@@ -241,6 +262,19 @@ def _train(run: Run) -> Path:
             bar.close()
         run.metrics.close()
     return save_final(run.output_dir, run.backend, run.prep.model, run.prep.tokenizer, run.is_main)
+
+
+def _stop(run: Run, done: int, saved: Path | None) -> Path:
+    """A stop signal: checkpoint after step ``done`` (unless that just happened), leave the
+    STOPPED marker for the batch script, and end without the final model."""
+    path = saved if saved is not None else run.save(done)
+    what = run.stop.describe()
+    if run.is_main:
+        signals.write_marker(run.output_dir, done, what, path)
+        log.info("stopped on %s after step %d: checkpoint %s; the next run with train.resume=auto and this "
+                 "train.output_dir continues from it", what, done, path)
+    distributed.barrier()
+    return path
 
 
 def save_final(output_dir: Path, backend, model, tokenizer, is_main: bool) -> Path:
@@ -262,7 +296,8 @@ def save_final(output_dir: Path, backend, model, tokenizer, is_main: bool) -> Pa
     return final
 
 
-def _resume_path(cfg: Config, output_dir: Path, world_size: int) -> Path | None:
+def _resume_path(cfg: Config, output_dir: Path, world_size: int, backend_name: str | None = None,
+                 notes: list[str] | None = None) -> Path | None:
     resume = cfg.train.resume
     if resume == "none":
         return None
@@ -277,6 +312,16 @@ def _resume_path(cfg: Config, output_dir: Path, world_size: int) -> Path | None:
         problem = checkpoint.verify(path)
         if problem is not None:
             raise ConfigError(f"train.resume: checkpoint {path} is damaged: {problem}")
+    saved = json.loads((path / "trainer.json").read_text())
+    if backend_name is not None and saved.get("backend") not in (None, backend_name):
+        raise ConfigError(f"train.resume: checkpoint {path} was written by backend {saved['backend']!r} and this "
+                          f"run uses {backend_name!r}; a checkpoint's engine state loads only into the backend that "
+                          "wrote it: resume with that backend, or start afresh (a new train.output_dir, or "
+                          "train.resume=none)")
+    if saved.get("world_size", world_size) != world_size and isinstance(saved.get("config"), dict):
+        note = keep_global_batch(cfg, saved["config"], saved["world_size"], world_size, path)
+        if note and notes is not None:
+            notes.append(note)
     if resume != "force":
         # Never silently continue a different run (e.g. a rho sweep rerun into one output_dir).
         difference = checkpoint.different_run(path, cfg.model_dump(), world_size)

@@ -39,8 +39,15 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CPUS / NPROC > 0 ? CPUS / NPROC :
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 WORLD=$(( NNODES * NPROC ))
 
-ARGS=(--config "$CONFIG" "$@" "train.output_dir=$OUTPUT_DIR" train.resume=auto
-      "backend.dist_backend=$DIST_BACKEND")
+# Defaults first, the user's key=value arguments after them: the last value of a key wins, so the
+# user's train.output_dir / train.resume / backend.dist_backend override these.
+ARGS=(--config "$CONFIG" "train.output_dir=$OUTPUT_DIR" train.resume=auto "backend.dist_backend=$DIST_BACKEND"
+      "$@")
+# SLURM's time-limit warning (#SBATCH --signal=USR1@N) goes to every process of the step: the
+# launchers (torchrun, deepspeed, accelerate) ignore it -- an ignored signal stays ignored across
+# exec and fork -- and the training processes catch it (fsam_dist/train/signals.py): every rank
+# finishes the step, a checkpoint is written, and they exit 0 leaving $OUTPUT_DIR/STOPPED.
+trap '' USR1
 TORCHRUN=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NPROC"
           --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$RDZV_PORT" --rdzv_id "$SLURM_JOB_ID"
           --local_addr "$LOCAL_ADDR" --max_restarts 0)
