@@ -17,6 +17,7 @@ dtypes and small chunks keep their values. Measured sizes: bench/README.md ("Mem
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,9 @@ perturbed on every entry): per-call overheads outweigh the bytes saved."""
 
 LOW_BITS = (8, 16, 24)
 """How many low bits of each fp32 bit pattern the restore data may keep (whole bytes)."""
+
+_FAR = (1 << 31) - 1
+_LITTLE = sys.byteorder == "little"   # torch tensors use the host's byte order
 
 
 @dataclass
@@ -51,25 +55,31 @@ def save(original: torch.Tensor, perturbed: torch.Tensor) -> Saved:
     """Restore data for one chunk: ``original`` (a copy) and the values now in the weights.
 
     The cheapest of: for b in :data:`LOW_BITS`, the low b bits + carry bit of each entry
-    (b/8 + 1/8 bytes) plus 8 bytes per exception; the values (4 bytes).
+    (b/8 + 1/8 bytes) plus 8 bytes per exception; the values (4 bytes). One host sync for the
+    three exception counts, one for the chosen exceptions' positions.
     """
     n = original.numel()
     if original.dtype != torch.float32 or n <= SMALL:
         return Saved(values=original)
     old, new = original.view(torch.int32), perturbed.view(torch.int32)
-    sign_flip = torch.bitwise_xor(old, new) < 0
+    moved = torch.bitwise_xor(old, new)
     distance = torch.sub(old, new).abs_()        # exact when the sign is kept (|Δ| < 2^31)
-    cost = {b: b // 8 * n + -(-n // 8) + 8 * int((sign_flip | (distance >= 1 << b)).count_nonzero())
-            for b in LOW_BITS}
+    distance.masked_fill_(moved < 0, _FAR)       # a sign flip is an exception for every b
+    # how many entries move by 2^b units or more, for b = 8, 16, 24 (read back together)
+    beyond = torch.stack([torch.count_nonzero(distance >= 1 << b) for b in LOW_BITS]).tolist()
+    cost = {b: b // 8 * n + -(-n // 8) + 8 * count for b, count in zip(LOW_BITS, beyond)}
     b = min(cost, key=cost.get)
     if cost[b] >= 4 * n:
         return Saved(values=original)
-    where = torch.nonzero(sign_flip | (distance >= 1 << b)).reshape(-1)
-    low = torch.empty((n, b // 8), dtype=torch.uint8, device=old.device)
-    for i in range(b // 8):   # byte by byte: no int32 temporary wider than one column
-        low[:, i] = old.bitwise_right_shift(8 * i).bitwise_and_(0xFF)
-    moved = torch.bitwise_xor(old, new).bitwise_right_shift_(b) != 0
-    return Saved(low=low, carry=pack_bits(moved), where=where.to(torch.int32), bits=old[where])
+    where = torch.nonzero(distance >= 1 << b).reshape(-1)
+    if _LITTLE:   # the low b/8 bytes of each pattern, one copy
+        low = old.view(torch.uint8).view(n, 4)[:, :b // 8].clone()
+    else:
+        low = torch.empty((n, b // 8), dtype=torch.uint8, device=old.device)
+        for i in range(b // 8):   # byte by byte: no int32 temporary wider than one column
+            low[:, i] = old.bitwise_right_shift(8 * i).bitwise_and_(0xFF)
+    return Saved(low=low, carry=pack_bits(moved.bitwise_right_shift_(b) != 0), where=where.to(torch.int32),
+                 bits=old[where])
 
 
 def restored(current: torch.Tensor, saved: Saved) -> torch.Tensor:
@@ -77,17 +87,21 @@ def restored(current: torch.Tensor, saved: Saved) -> torch.Tensor:
     if saved.values is not None:
         return saved.values
     now = current.view(torch.int32)
-    b = 8 * saved.low.shape[1]
-    low = saved.low[:, 0].to(torch.int32)
-    for i in range(1, b // 8):
-        low.bitwise_or_(saved.low[:, i].to(torch.int32).bitwise_left_shift_(8 * i))
+    n, width = saved.low.shape
+    b = 8 * width
+    if _LITTLE:
+        low = torch.zeros((n, 4), dtype=torch.uint8, device=now.device)
+        low[:, :width] = saved.low
+        low = low.view(torch.int32).view(-1)
+    else:
+        low = saved.low[:, 0].to(torch.int32)
+        for i in range(1, width):
+            low.bitwise_or_(saved.low[:, i].to(torch.int32).bitwise_left_shift_(8 * i))
     bits = now.bitwise_and(-(1 << b))                                     # the bits above the low b
     # Where they moved, the original is the neighbour within 2^b of the current pattern:
     # one up if its low bits are below the current ones, else one down.
-    moved = unpack_bits(saved.carry, now.numel())
-    step = torch.full_like(bits, 1 << b)
-    step = torch.where(low < now.bitwise_and((1 << b) - 1), step, step.neg())
-    bits.add_(step.mul_(moved))
-    bits.bitwise_or_(low)
+    up = (low < now.bitwise_and((1 << b) - 1)).to(torch.int32).mul_(2).sub_(1)   # +1 / -1
+    up.mul_(unpack_bits(saved.carry, n)).bitwise_left_shift_(b)
+    bits.add_(up).bitwise_or_(low)
     bits[saved.where.to(torch.int64)] = saved.bits
     return bits.view(torch.float32)
