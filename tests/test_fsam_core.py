@@ -675,3 +675,92 @@ def test_reuse_direction_config():
         validate(FSAMConfig, {"interval": 2, "reuse_direction": True, "reuse_alpha": -1}, prefix="fsam.")
     with pytest.raises(ValueError, match="reuse_direction needs interval"):
         FSAM(reuse_direction=True)
+
+
+# ---- positions held as blocks (issue 19): the in-memory mask can never go stale ---------------------
+
+
+def test_blocks_mask_matches_bits_and_checkpoints_as_bits():
+    """A 'blocks' mask holds the same entries as the bool mask it came from, chunk by chunk and as
+    a whole (partial last blocks and chunks included), is smaller than bits below density 7/64,
+    and is checkpointed exactly as :meth:`Mask.from_bits` would store it (format unchanged)."""
+    from fsam_dist.core.masks import BLOCK, with_positions
+
+    g = torch.Generator().manual_seed(7)
+    for n in (SMALL + 3, 1000 * BLOCK + 17, CHUNK + 13, 2 * CHUNK + BLOCK):
+        for density in (0.02, 0.1, 0.3):
+            b = torch.rand(n, generator=g) < density
+            b[-1] = True   # the last, partial block holds an entry
+            m = Mask.from_bool(b)
+            blocks = m.as_blocks()
+            assert blocks.kind == "blocks" and blocks.count == m.count == int(b.sum())
+            assert torch.equal(blocks.to_bool(), b)
+            assert blocks.nbytes == m.count + 4 * -(-n // BLOCK)
+            for (s, e, sel), (s2, e2, sel2) in zip(blocks.by_chunk(), m.by_chunk()):
+                assert (s, e) == (s2, e2)
+                want = torch.nonzero(b[s:e]).reshape(-1) + s
+                assert torch.equal(sel if sel is not None else torch.zeros(0, dtype=torch.int64), want)
+                assert torch.equal(sel2 if sel2 is not None else torch.zeros(0, dtype=torch.int64), want)
+            other = Mask.from_bool(torch.rand(n, generator=g) < 0.2)
+            assert blocks.intersection(other) == m.intersection(other)
+            st, st_old = blocks.state(), m.state()
+            assert st["kind"] == st_old["kind"] and st["count"] == st_old["count"]
+            assert torch.equal(st["data"], st_old["data"])
+            assert torch.equal(Mask.from_state(st).to_bool(), b)
+            chosen = with_positions({"x": m})["x"]
+            assert chosen.kind == ("blocks" if m.kind == "bits" and blocks.nbytes <= m.nbytes else m.kind)
+
+
+def _reference_step(views, bool_masks, rho):
+    """perturb() on copies of the views with explicit bool masks (bit-packed, decoded by nonzero):
+    the weights FSAM's perturbation must produce."""
+    copies = [ShardView(v.name, v.weights.clone(), v.grad.clone(), v.position, v.eligible) for v in views]
+    perturb(copies, bool_masks, rho=rho, eps=1e-12, norm="full", excluded_mode="dense", adaptive=False)
+    return [c.weights for c in copies]
+
+
+@pytest.mark.parametrize("interval,reuse", [(1, False), (2, True)])
+def test_positions_follow_every_refresh_resume_and_skip(interval, reuse):
+    """Across refreshes, a resume from :meth:`FSAM.state_dict` between refreshes, a skipped step
+    (no ascend) and LookSAM's plain steps, every perturbation touches exactly the entries of the
+    current global top-k of g² at the last refresh, bit for bit as the reference with explicit
+    bool masks, and every restore is bit-exact: a stale position cache would move other entries."""
+    n = [CHUNK + 4 * SMALL + 5, 3 * SMALL, 2 * SMALL + 1]   # a 2-chunk view, two 1-chunk views
+    g = torch.Generator().manual_seed(11)
+    weights = [torch.randn(k, generator=g) * 0.05 for k in n]
+    rho, keep = 0.05, 0.1
+    fsam = FSAM(rho=rho, keep_ratio=keep, mask_interval=3, interval=interval, reuse_direction=reuse)
+    expected_masks = None
+    checked = 0
+    for step in range(10):
+        grads = [torch.randn(k, generator=g) * (1 + step) for k in n]
+        views = _views(grads, weights, [True, True, False])
+        if step == 5:   # skipped step: pass 1 non-finite, no ascend at all
+            continue
+        if step == 7:   # resume between refreshes: a new FSAM from the checkpointed state
+            buffer = io.BytesIO()
+            torch.save(fsam.state_dict(), buffer)
+            buffer.seek(0)
+            fsam = FSAM(rho=rho, keep_ratio=keep, mask_interval=3, interval=interval, reuse_direction=reuse)
+            fsam.load_state_dict(torch.load(buffer, weights_only=True))
+        if not fsam.perturbs_at(step):
+            fsam.reuse(views)
+            continue
+        if fsam.refresh_due(step):
+            eligible = [v for v in views if v.eligible]
+            top = global_topk_mask([v.grad.square() for v in eligible], [v.position for v in eligible],
+                                   round(keep * sum(v.numel for v in eligible)))
+            expected_masks = {v.key: t for v, t in zip(eligible, top)}
+        want = _reference_step(views, expected_masks, rho)
+        before = [w.clone() for w in weights]
+        fsam.ascend(views, step)
+        assert all(m.kind == "blocks" for m in fsam.packed_masks.values())
+        for w, r in zip(weights, want):
+            assert torch.equal(w.view(torch.int32), r.view(torch.int32)), f"step {step}: not the reference's w + e"
+        if reuse:
+            fsam.look(views)
+        fsam.descend(views)
+        for w, b in zip(weights, before):
+            assert torch.equal(w.view(torch.int32), b.view(torch.int32)), f"step {step}: restore not bit-exact"
+        checked += 1
+    assert checked >= 3

@@ -270,6 +270,8 @@ def restore(views: list[ShardView], perturbation: Perturbation) -> None:
                 chunk = saved[n]
                 if isinstance(sel, slice):
                     w[sel] = restored(w[sel], chunk)
+                elif chunk.values is not None:   # kept whole: nothing to read back
+                    w.index_copy_(0, sel, chunk.values)
                 else:
                     w.index_copy_(0, sel, restored(w.index_select(0, sel), chunk))
                 n += 1
