@@ -7,8 +7,12 @@ Where the local shard lives after a backward at the accumulation boundary:
 * ZeRO-1/2 (fp32 or bf16): each rank owns a contiguous fragment of the flattened parameters: its
   fp32 master (``hp_fragment``) and its reduced gradient; fragments are disjoint and cover all.
   The perturbation goes into the fp32 master and DeepSpeed's ``update_lp_params()`` copies it into
-  the replicated (bit16 or fp32) weights the forward reads; the core restores the master exactly
-  and the same call publishes the restored weights.
+  the replicated (bit16 or fp32) weights the forward reads; the core restores the master exactly.
+  The restored weights are not all-gathered right away: ``engine.step()``, which comes next, copies
+  each rank's (restored, then stepped) master into the replicated weights and all-gathers them
+  itself. Nothing reads the replicated weights in between (the step reads gradients and masters);
+  if anything else comes first -- a skipped step (``zero_grad``), a forward, a checkpoint -- or the
+  engine did not apply the step, the restored weights are published then (one all-gather, as before).
 * ZeRO-3: each parameter is split into equal, padded partitions (``p.ds_tensor``, the weights the
   forward gathers); the local gradient partition comes from ``safe_get_local_grad``. In fp32 the
   perturbation goes into ``p.ds_tensor`` in place; in bf16 into the fp32 master
@@ -227,6 +231,14 @@ class DeepSpeedBackend(Backend):
         # back before the step so an in-place change (LookSAM's g + α g_v) reaches the optimizer.
         self._zero3_grads: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         self.bit16 = bool(engine.bfloat16_enabled())
+        self._unpublished = False   # ZeRO-1/2: restored masters not yet in the replicated weights
+
+    def _publish_restored(self) -> None:
+        """All-gather the restored masters if :meth:`publish` deferred it (rank-consistent: every
+        rank takes the same path through the step)."""
+        if self._unpublished:
+            self._unpublished = False
+            self.optimizer.update_lp_params()
 
     def at_boundary(self) -> bool:
         """Whether the last ``engine.backward`` ran at a gradient-accumulation boundary (only
@@ -239,6 +251,7 @@ class DeepSpeedBackend(Backend):
 
     def forward_backward(self, loss_fn: LossFn, micro_batch: dict, scale: float, last: bool) -> torch.Tensor:
         self._zero3_grads = []   # stale once this backward adds to the gradients
+        self._publish_restored()
         self.engine.set_gradient_accumulation_boundary(last)
         loss_sum = loss_fn(self.engine, micro_batch)
         self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
@@ -264,6 +277,9 @@ class DeepSpeedBackend(Backend):
 
     def publish(self, restored: bool) -> None:
         if self.layout == "fragments":
+            if restored:   # engine.step() all-gathers the masters next (module docstring)
+                self._unpublished = True
+                return
             self.optimizer.update_lp_params()   # fp32 master → replicated weights (all-gather)
         elif self.layout == "zero3":
             if self.bit16:
@@ -272,6 +288,7 @@ class DeepSpeedBackend(Backend):
 
     def zero_grad(self) -> None:
         self._zero3_grads = []
+        self._publish_restored()   # a skipped step: no engine.step() will publish the restore
         if self.layout == "fragments":
             _zero12_clear_grads(self.optimizer)
         else:
@@ -291,12 +308,17 @@ class DeepSpeedBackend(Backend):
             for p, grad in self._zero3_grads:
                 safe_set_local_grad(p, grad)
         norm = grad_norm(self.views(), self.group)
+        applied, skipped = self.engine.global_steps, self.engine.skipped_steps
         self.engine.step()   # clips, steps the optimizer, then the scheduler; clears the gradients
+        if self.engine.global_steps != applied + 1 or self.engine.skipped_steps != skipped:
+            self._publish_restored()   # no optimizer step ran, so nothing all-gathered the masters
+        self._unpublished = False      # else the step's own all-gather published them
         return norm
 
     def save_state(self, path: str) -> None:
         """``engine.save_checkpoint`` into the directory ``path`` (module, optimizer and scheduler
         state; each rank writes its shards)."""
+        self._publish_restored()
         self.engine.save_checkpoint(str(path), tag="state")
 
     def load_state(self, path: str) -> None:
@@ -320,6 +342,7 @@ class DeepSpeedBackend(Backend):
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
+        self._publish_restored()
         full = {}
         for _, p in self.trainable:
             value = p.detach() if self.layout == "replicated" else safe_get_full_fp32_param(p)
