@@ -709,6 +709,15 @@ def test_blocks_mask_matches_bits_and_checkpoints_as_bits():
             assert torch.equal(Mask.from_state(st).to_bool(), b)
             chosen = with_positions({"x": m})["x"]
             assert chosen.kind == ("blocks" if m.kind == "bits" and blocks.nbytes <= m.nbytes else m.kind)
+    # FSAM's masks together: a dense view gets blocks (larger than its bits) when a sparse one
+    # (indices) leaves room within 1/8 byte per entry; the total never exceeds that
+    n = 4 * CHUNK
+    dense, sparse = torch.rand(n, generator=g) < 0.19, torch.rand(n, generator=g) < 0.01
+    masks = with_positions({"dense": Mask.from_bool(dense), "sparse": Mask.from_bool(sparse)})
+    assert (masks["dense"].kind, masks["sparse"].kind) == ("blocks", "indices")
+    assert masks["dense"].nbytes > n // 8 and sum(m.nbytes for m in masks.values()) <= 2 * n // 8
+    masks = with_positions({"dense": Mask.from_bool(dense), "other": Mask.from_bool(dense.roll(1))})
+    assert {m.kind for m in masks.values()} == {"bits"}   # 0.19 everywhere: blocks would not fit
 
 
 def _reference_step(views, bool_masks, rho):

@@ -12,8 +12,8 @@ so indices win below a density of 1/32 and bits above it (FSAM's default κ = 0.
 nothing (``'all'``, ``'none'``): SAM (κ = 1) and excluded parameters perturbed densely keep no mask.
 Blocks are smaller than bits below a density of 7/64 (≈ 0.109); unlike bits they give the
 positions of a chunk's set entries without a scan (one ``repeat_interleave`` and an add, no
-``nonzero``), so :func:`with_positions` turns FSAM's masks into blocks once per refresh where
-that keeps the rank's masks no larger than bits (at κ = 0.1 it does: Σ c + N/64 ≤ N/8).
+``nonzero``), so :func:`with_positions` turns FSAM's bit-packed masks into blocks once per
+refresh where the rank's masks stay within 1/8 byte per entry (at κ = 0.1 they do: Σ c + N/64 ≤ N/8).
 A checkpoint stores blocks as bits or indices (:meth:`Mask.state`), so the format is unchanged.
 
 Everything here works chunk by chunk (:data:`~fsam_dist.core.views.CHUNK` entries), so unpacking
@@ -106,8 +106,9 @@ class Mask:
             raise ValueError(f"Mask kind must be one of {KINDS}, got {kind!r}")
         self.numel, self.count, self.kind, self.data = int(numel), int(count), kind, data
         self.device = data.device if data is not None else torch.device(device or "cpu")
-        # 'blocks' only: int32 count per block, and (host ints) where each chunk's offsets start
-        # in ``data`` (len = chunks + 1), so no chunk needs a host sync to find its entries.
+        # 'blocks': int32 count per block, and (host ints) where each chunk's offsets start in
+        # ``data`` (len = chunks + 1), so no chunk needs a host sync to find its entries;
+        # 'indices': the same bounds, found on first use.
         self.table, self.bounds = table, bounds
         if kind == "blocks" and (table is None or bounds is None):
             raise ValueError("Mask kind 'blocks' needs its block table and chunk bounds")
@@ -217,10 +218,11 @@ class Mask:
         the chunk is set), a ``slice`` (all are) or the sorted int64 positions (in the view) of
         the set ones. For ``'blocks'`` and ``'indices'`` no host sync: the chunk bounds are host
         ints (found once per mask for indices); for ``'bits'`` one ``nonzero`` per chunk."""
-        if self.kind == "indices":
+        if self.kind == "indices" and self.bounds is None:   # found once per mask (one host sync)
             edges = torch.tensor([s for s, _ in chunks(self.numel)] + [self.numel], dtype=torch.int32,
                                  device=self.device)
-            bounds = torch.searchsorted(self.data, edges).tolist()
+            self.bounds = torch.searchsorted(self.data, edges).tolist()
+        bounds = self.bounds
         for c, (start, end) in enumerate(chunks(self.numel)):
             if self.kind == "none":
                 yield start, end, None
@@ -330,11 +332,13 @@ class Mask:
 
 def with_positions(masks: dict) -> dict:
     """FSAM's masks with the bit-packed ones turned into ``'blocks'`` (positions without a scan),
-    where that keeps this rank's masks no larger in total than before: all of them when the
-    blocks of every bit-packed mask together take no more bytes than their bits (at κ = 0.1:
-    0.116 against 0.125 bytes per entry), else each one whose blocks are smaller. Once per
-    refresh (and after loading a checkpoint); the selection and the math do not change."""
-    bits = {k: m for k, m in masks.items() if m.kind == "bits"}
-    size = {k: m.count + 4 * -(-m.numel // BLOCK) for k, m in bits.items()}
-    every = sum(size.values()) <= sum(m.nbytes for m in bits.values())
-    return {k: (m.as_blocks() if k in bits and (every or size[k] <= m.nbytes) else m) for k, m in masks.items()}
+    within the memory of a bit-packed mask over every entry (``Σ ceil(n/8)``, 1/8 byte per
+    eligible entry): all of them when the total stays within it -- always when this rank keeps
+    at most 7/64 of its eligible entries (κ = 0.1: Σ c + N/64 ≤ N/8; the sparse views stay
+    indices, which leaves room for blocks on the dense ones) -- else each one whose blocks are
+    smaller than its bits. Once per refresh (and after loading a checkpoint); the selection and
+    the math do not change."""
+    budget = sum(-(-m.numel // 8) for m in masks.values())
+    size = {k: m.count + 4 * -(-m.numel // BLOCK) for k, m in masks.items() if m.kind == "bits"}
+    every = sum(size.values()) + sum(m.nbytes for m in masks.values() if m.kind != "bits") <= budget
+    return {k: (m.as_blocks() if k in size and (every or size[k] <= m.nbytes) else m) for k, m in masks.items()}
