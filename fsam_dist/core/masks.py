@@ -27,7 +27,7 @@ from typing import Iterator
 
 import torch
 
-from .views import chunks
+from .views import CHUNK, chunks
 
 KINDS = ("none", "all", "bits", "indices", "blocks")
 BLOCK = 256
@@ -232,18 +232,21 @@ class Mask:
                 lo, hi = bounds[c], bounds[c + 1]
                 yield start, end, (self.data[lo:hi].to(torch.int64) if hi > lo else None)
             elif self.kind == "blocks":
-                lo, hi = self.bounds[c], self.bounds[c + 1]
-                if hi == lo:
-                    yield start, end, None
-                    continue
-                first = start // BLOCK
-                bases = torch.arange(start, end, BLOCK, dtype=torch.int64, device=self.device)
-                pos = torch.repeat_interleave(bases, self.table[first:first + bases.numel()], output_size=hi - lo)
-                yield start, end, pos.add_(self.data[lo:hi])
+                yield start, end, self._block_positions(c, start, end)
             else:
                 flags = unpack_bits(self.data[start // 8:-(-end // 8)], end - start)
                 idx = torch.nonzero(flags).reshape(-1)
                 yield start, end, (idx.add_(start) if idx.numel() else None)
+
+    def _block_positions(self, c: int, start: int, end: int) -> torch.Tensor | None:
+        """'blocks': the positions of chunk ``c`` (entries ``[start, end)``), or None if it has none."""
+        lo, hi = self.bounds[c], self.bounds[c + 1]
+        if hi == lo:
+            return None
+        first = start // BLOCK
+        bases = torch.arange(start, end, BLOCK, dtype=torch.int64, device=self.device)
+        pos = torch.repeat_interleave(bases, self.table[first:first + bases.numel()], output_size=hi - lo)
+        return pos.add_(self.data[lo:hi])
 
     def selections(self, as_indices: bool = False) -> Iterator[slice | torch.Tensor]:
         """The set entries, chunk by chunk, in increasing order: a ``slice`` for a dense range
@@ -278,9 +281,11 @@ class Mask:
                 raise ValueError("Mask.bool_range: start must be a multiple of 8")
             return unpack_bits(self.data[start // 8:-(-end // 8)], end - start)
         out = torch.zeros(end - start, dtype=torch.bool, device=device)
-        if self.kind == "blocks":
-            for c_start, c_end, sel in self.by_chunk():
-                if sel is not None and c_start < end and c_end > start:
+        if self.kind == "blocks":   # only the chunks that overlap [start, end)
+            for c in range(start // CHUNK, -(-end // CHUNK)):
+                c_start, c_end = c * CHUNK, min(self.numel, (c + 1) * CHUNK)
+                sel = self._block_positions(c, c_start, c_end)
+                if sel is not None:
                     sel = sel[(sel >= start) & (sel < end)]
                     out[sel - start] = True
             return out
