@@ -144,11 +144,14 @@ def _sums_and_mask(view: ShardView, mask: Mask | None, find_nonzero: bool, adapt
         normed = _normed(g, w, adaptive)
         full = torch.dot(normed, normed)
         full_parts.append(full)
-        if find_nonzero:
-            sel = torch.nonzero(g != 0).reshape(-1).add_(start)
-            found.append(sel)
-            if sel.numel() == end - start:
+        if find_nonzero:   # one count per chunk; positions only for a chunk that is partly zero
+            flags = g != 0
+            nonzero = int(flags.sum())
+            if nonzero == end - start:
                 sel = slice(start, end)
+            elif nonzero:
+                sel = torch.nonzero(flags).reshape(-1).add_(start)
+            found.append(sel)
         if sel is None:
             continue
         if isinstance(sel, slice):
@@ -168,7 +171,7 @@ def _sums_and_mask(view: ShardView, mask: Mask | None, find_nonzero: bool, adapt
             direction_parts.append(torch.dot(d, d))
         else:
             direction_parts.append(inside)
-    return Mask.from_positions(found, view.numel) if find_nonzero else mask
+    return Mask.from_positions(found, view.numel, view.grad.device) if find_nonzero else mask
 
 
 def _total(parts: list) -> torch.Tensor:

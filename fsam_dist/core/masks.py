@@ -153,17 +153,20 @@ class Mask:
         return cls(numel, count, "bits", packed)
 
     @classmethod
-    def from_positions(cls, per_chunk: list[torch.Tensor], numel: int) -> "Mask":
+    def from_positions(cls, per_chunk: list, numel: int, device=None) -> "Mask":
         """From the sorted int64 positions of the set entries of each chunk of ``range(numel)``
-        (one tensor per chunk of :func:`~fsam_dist.core.views.chunks`, in order), in the smallest
-        of the representations (indices, blocks, bits; nothing for none or all)."""
-        counts = [int(p.numel()) for p in per_chunk]
+        (one item per chunk of :func:`~fsam_dist.core.views.chunks`, in order: a tensor, None for
+        none, or a ``slice`` for all of the chunk), in the smallest of the representations
+        (indices, blocks, bits; nothing for none or all)."""
+        counts = [0 if p is None else p.stop - p.start if isinstance(p, slice) else int(p.numel()) for p in per_chunk]
         count = sum(counts)
-        device = per_chunk[0].device if per_chunk else torch.device("cpu")
         if count == 0:
             return cls.empty(numel, device)
         if count == numel:
             return cls.full(numel, device)
+        device = next(p.device for p in per_chunk if isinstance(p, torch.Tensor))
+        per_chunk = [torch.zeros(0, dtype=torch.int64, device=device) if p is None else
+                     torch.arange(p.start, p.stop, device=device) if isinstance(p, slice) else p for p in per_chunk]
         n_bits, n_blocks = -(-numel // 8), count + 4 * -(-numel // BLOCK)
         if 4 * count < n_bits and numel < 2 ** 31:
             return cls(numel, count, "indices", torch.cat([p.to(torch.int32) for p in per_chunk]))
