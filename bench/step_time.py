@@ -112,15 +112,17 @@ def _worker(rank: int, world: int, port: int, name: str, args, queue) -> None:
         skip_cpu_shm_build()
         deepspeed.init_distributed(dist_backend="gloo")
     from fsam_dist.core import FSAM
-    from fsam_dist.train.loss import count_target_tokens, seq2seq_loss_sum
-    from fsam_dist.train.step import train_step
+    from fsam_dist.train.loss import seq2seq_loss_sum
 
     timer = _Timer()
     timer.install()
     runs = {mode: (_backend(name, _model(args), world, args),
                    FSAM(mask_interval=args.mask_interval, **kwargs) if kwargs else None)
             for mode, kwargs in MODES if mode in args.modes}
-    local = sum(v.numel for v in next(iter(runs.values()))[0].views())
+    first = next(iter(runs.values()))[0]   # the local entries, read after a backward (ZeRO's views need one)
+    first.forward_backward(seq2seq_loss_sum, _batch(args, 0, rank), 1.0, last=True)
+    local = sum(v.numel for v in first.views())
+    first.zero_grad()
     out = _interleaved(runs, args, timer, local, lambda step: [_batch(args, step, rank)], dist.barrier)
     if rank == 0:
         queue.put(out)
