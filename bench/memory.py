@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.memory [--backends single ddp zero2 zero3 fsdp2]
                                                        [--d-model 512] [--layers 3] [--vocab 4096]
+                                                       [--size t5-small|t5-base] [--modes AdamW "FSAM (κ=0.1)"]
 
 Method. Every (backend, mode) runs in fresh processes (1 for 'single', 2 gloo ranks otherwise)
 on the same randomly initialised T5 and batches, for ``--warmup`` steps and then ``--steps``
@@ -64,12 +65,19 @@ def _reset_peak() -> None:
         f.write("5")
 
 
+SIZES = {"t5-small": dict(vocab=32128, d_model=512, layers=6, heads=8),    # ~60 M, random init
+         "t5-base": dict(vocab=32128, d_model=768, layers=12, heads=12)}   # ~220 M
+
+
 def _model(args):
+    if args.size:
+        return t5_model(**SIZES[args.size])
     return t5_model(vocab=args.vocab, d_model=args.d_model, layers=args.layers, heads=8)
 
 
 def _batch(args, step: int, rank: int) -> dict:
-    return random_batch(vocab=args.vocab, micro=args.micro, seed=1000 * step + rank)
+    return random_batch(vocab=SIZES[args.size]["vocab"] if args.size else args.vocab, micro=args.micro,
+                        seed=1000 * step + rank)
 
 
 def _backend(name: str, model, exclude, args):
@@ -182,9 +190,12 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--size", choices=list(SIZES), help="a realistic T5 shape instead of --d-model/--layers/--vocab")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     args = parser.parse_args()
     n = sum(p.numel() for p in _model(args).parameters())
-    print(f"T5 d_model {args.d_model}, {args.layers}+{args.layers} layers, vocab {args.vocab}: {n / 1e6:.2f} M "
+    shape = SIZES[args.size] if args.size else dict(d_model=args.d_model, layers=args.layers, vocab=args.vocab)
+    print(f"T5 d_model {shape['d_model']}, {shape['layers']}+{shape['layers']} layers, vocab {shape['vocab']}: {n / 1e6:.2f} M "
           f"parameters (fp32); {args.world} gloo ranks (1 for single); micro-batch {args.micro}; peaks over "
           f"{args.steps} steps after {args.warmup} warm-up; rank 0 shown (rank 1 within a few MB)\n", flush=True)
     print("| backend | mode | local entries | peak RSS | Δ peak vs AdamW | FSAM state: mask | restore data "
@@ -193,7 +204,7 @@ def main() -> None:
     mb = 2 ** 20
     for name in args.backends:
         adamw_peak = None
-        for mode in MODES:
+        for mode in args.modes:
             ranks = run(name, mode, args)
             r = ranks[0]
             worst = max(x["state"]["total"] / (4 * x["local"]) for x in ranks)

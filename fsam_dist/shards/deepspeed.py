@@ -7,8 +7,9 @@ Where the local shard lives after a backward at the accumulation boundary:
 * ZeRO-1/2 (fp32 or bf16): each rank owns a contiguous fragment of the flattened parameters: its
   fp32 master (``hp_fragment``) and its reduced gradient; fragments are disjoint and cover all.
   The perturbation goes into the fp32 master and DeepSpeed's ``update_lp_params()`` copies it into
-  the replicated (bit16 or fp32) weights the forward reads; the core restores the master exactly
-  and the same call publishes the restored weights.
+  the replicated (bit16 or fp32) weights the forward reads; the core restores the master exactly and
+  ``engine.step()``'s own all-gather publishes it (nothing reads the replicated weights in between);
+  a skip, forward, checkpoint or unapplied step before that publishes it first.
 * ZeRO-3: each parameter is split into equal, padded partitions (``p.ds_tensor``, the weights the
   forward gathers); the local gradient partition comes from ``safe_get_local_grad``. In fp32 the
   perturbation goes into ``p.ds_tensor`` in place; in bf16 into the fp32 master
@@ -93,6 +94,13 @@ class DeepSpeedBackend(Backend):
         # back before the step so an in-place change (LookSAM's g + α g_v) reaches the optimizer.
         self._zero3_grads: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         self.bit16 = bool(engine.bfloat16_enabled())
+        self._unpublished = False   # ZeRO-1/2: restored masters not yet in the replicated weights
+
+    def _publish_restored(self) -> None:
+        """All-gather the restored masters if :meth:`publish` deferred it (same path on every rank)."""
+        if self._unpublished:
+            self._unpublished = False
+            self.optimizer.update_lp_params()
 
     def at_boundary(self) -> bool:
         """Whether the last ``engine.backward`` ran at the accumulation boundary (gradients reduced)."""
@@ -104,6 +112,7 @@ class DeepSpeedBackend(Backend):
 
     def forward_backward(self, loss_fn: LossFn, micro_batch: dict, scale: float, last: bool) -> torch.Tensor:
         self._zero3_grads = []   # stale once this backward adds to the gradients
+        self._publish_restored()
         self.engine.set_gradient_accumulation_boundary(last)
         loss_sum = loss_fn(self.engine, micro_batch)
         self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
@@ -129,6 +138,9 @@ class DeepSpeedBackend(Backend):
 
     def publish(self, restored: bool) -> None:
         if self.layout == "fragments":
+            if restored:   # engine.step() all-gathers the masters next (module docstring)
+                self._unpublished = True
+                return
             self.optimizer.update_lp_params()   # fp32 master → replicated weights (all-gather)
         elif self.layout == "zero3":
             if self.bit16:
@@ -137,6 +149,7 @@ class DeepSpeedBackend(Backend):
 
     def zero_grad(self) -> None:
         self._zero3_grads = []
+        self._publish_restored()   # a skipped step: no engine.step() publishes the restore
         if self.layout == "fragments":
             zero12_clear_grads(self.optimizer)
         else:
@@ -156,11 +169,16 @@ class DeepSpeedBackend(Backend):
             for p, grad in self._zero3_grads:
                 safe_set_local_grad(p, grad)
         norm = grad_norm(self.views(), self.group)
+        applied, skipped = self.engine.global_steps, self.engine.skipped_steps
         self.engine.step()   # clips, steps the optimizer, then the scheduler; clears the gradients
+        if self.engine.global_steps != applied + 1 or self.engine.skipped_steps != skipped:
+            self._publish_restored()   # no optimizer step ran: nothing all-gathered the masters
+        self._unpublished = False
         return norm
 
     def save_state(self, path: str) -> None:
         """``engine.save_checkpoint`` into the directory ``path`` (each rank writes its shards)."""
+        self._publish_restored()
         self.engine.save_checkpoint(str(path), tag="state")
 
     def load_state(self, path: str, saved_world_size: int | None = None) -> None:
@@ -193,6 +211,7 @@ class DeepSpeedBackend(Backend):
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
+        self._publish_restored()
         full = {}
         for _, p in self.trainable:
             value = p.detach() if self.layout == "replicated" else safe_get_full_fp32_param(p)
