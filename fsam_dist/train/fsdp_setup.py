@@ -186,8 +186,9 @@ def fsdp_settings_from_env(environ: Mapping[str, str] | None = None) -> FSDPSett
 def fsdp_backend(model: nn.Module, settings: FSDPSettings | None = None, *,
                   optimizer_factory: Callable, scheduler_factory: Callable | None = None,
                   precision: str | None = None, exclude: tuple[str, ...] | list[str] = DEFAULT_EXCLUDE,
-                  device: torch.device | None = None) -> FSDPBackend:
+                  device: torch.device | None = None, from_rank0: bool = False) -> FSDPBackend:
     """The FSDP adapter wrapping ``model`` as :class:`FSDPSettings` say (default: :func:`fsdp_settings_from_env`).
+    ``from_rank0``: only rank 0's model holds the weights (``wrap_fsdp``; ``train/loading.py``).
 
     ``precision`` is the training config's 'fp32' | 'bf16': bf16 turns on FSDP's bf16 policy;
     it must not contradict the accelerate yaml's ``mixed_precision`` when that is bf16.
