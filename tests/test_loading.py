@@ -270,22 +270,25 @@ def memory_model(tmp_path_factory):
     return out, fp32_bytes(out)
 
 
-def test_rank_one_never_holds_a_full_copy_at_load(memory_model):
-    """Peak RSS (VmHWM) over loading + sharding, above a baseline taken after the imports, on 2
-    gloo ranks: rank 1 stays below 1/world + 0.25 of the fp32 model under FSDP2 and ZeRO-3, while
-    the old path (every rank from_pretrained, then FSDP2) puts a full copy there -- the control
-    that shows the measurement can fail."""
+def test_ranks_above_zero_never_hold_a_full_copy_at_load(memory_model):
+    """Peak RSS (VmHWM) above a baseline taken after the imports, on 4 gloo ranks, ranks 1-3:
+    FSDP2 (loading + sharding + the broadcast from rank 0) stays ≤ 0.5 of the fp32 model (its
+    shard is 0.25); ZeRO-3 (``from_pretrained`` under ``zero.Init``; the engine's own buffers come
+    after) ≤ 0.75 (partition 0.25; measured 0.38 at 738 M parameters, bench/README.md, more here
+    where DeepSpeed's fixed costs weigh more). The old path (every rank ``from_pretrained``, then
+    FSDP2) puts about a full copy there (≥ 0.8): the control that shows the measurement can fail."""
     from bench.large_model import measure
 
     model_dir, size = memory_model
-    bound = 0.5 + 0.25
-    fsdp2 = measure(model_dir, "fsdp2", 2)
-    plain = measure(model_dir, "fsdp2", 2, plain=True)
-    zero3 = measure(model_dir, "zero3", 2)
+    world = 4
+    fsdp2 = measure(model_dir, "fsdp2", world)
+    plain = measure(model_dir, "fsdp2", world, plain=True)
+    zero3 = measure(model_dir, "zero3", world)
     ratios = {name: [r["load_peak"] / size for r in results] for name, results in
               (("fsdp2", fsdp2), ("plain", plain))}
     ratios["zero3 (model)"] = [r["model_peak"] / size for r in zero3]
     print(f"load peak / fp32 model per rank: {ratios}")
-    assert ratios["plain"][1] >= 0.9, ratios
-    assert ratios["fsdp2"][1] <= bound, ratios
-    assert ratios["zero3 (model)"][1] <= bound, ratios
+    for rank in range(1, world):
+        assert ratios["plain"][rank] >= 0.8, ratios   # measured 0.84-1.08: lazily mapped safetensors pages
+        assert ratios["fsdp2"][rank] <= 0.5, ratios
+        assert ratios["zero3 (model)"][rank] <= 0.75, ratios
