@@ -15,7 +15,6 @@ One 2-rank run builds every variant in turn:
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
