@@ -1,12 +1,12 @@
 """Loading and training a large T5 with FSAM on ZeRO-3 / FSDP2: peak RSS per rank at load and during steps, step times.
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python -m bench.large_model --make t5-large --dir /tmp/t5-large
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python -m bench.large_model --create t5-large --dir /tmp/t5-large
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python -m bench.large_model --dir /tmp/t5-large --world 4 \\
         --backends zero3 fsdp2 --steps 2
 
-``--make t5-large`` writes a randomly initialised T5 of t5-large's shape (d_model 1024, d_ff 4096,
+``--create t5-large`` writes a randomly initialised T5 of t5-large's shape (d_model 1024, d_ff 4096,
 24 + 24 layers, 16 heads, vocab 32128: 738 M parameters, 2.95 GB in fp32) with ``save_pretrained``
-as sharded safetensors (500 MB files), no tokenizer needed; ``--make`` also takes
+as sharded safetensors (500 MB files), no tokenizer needed; ``--create`` also takes
 ``t5-base`` / ``small:<d_model>,<layers>,<vocab>``.
 
 Each backend runs in ``--world`` fresh gloo processes (one thread each) through the CLI's own
@@ -208,17 +208,17 @@ def _median(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", required=True, help="model directory (written by --make)")
-    parser.add_argument("--make", help="write a random model of this shape first: t5-large, t5-base, "
+    parser.add_argument("--dir", required=True, help="model directory (written by --create)")
+    parser.add_argument("--create", help="write a random model of this shape first: t5-large, t5-base, "
                                        "small:<d_model>,<layers>,<vocab>")
     parser.add_argument("--world", type=int, default=4)
     parser.add_argument("--backends", nargs="+", default=["zero3", "fsdp2"], choices=["zero3", "fsdp2"])
     parser.add_argument("--steps", type=int, default=2, help="AdamW steps, then FSAM steps (first is a warm-up)")
     parser.add_argument("--plain", action="store_true", help="every rank loads the whole model (old path)")
     args = parser.parse_args()
-    if args.make:
-        numel = make_model(args.make, args.dir)
-        print(f"wrote {args.make}: {numel / 1e6:.0f} M parameters to {args.dir}", flush=True)
+    if args.create:
+        numel = make_model(args.create, args.dir)
+        print(f"wrote {args.create}: {numel / 1e6:.0f} M parameters to {args.dir}", flush=True)
     size = fp32_bytes(args.dir)
     gib = 2 ** 30
     print(f"model: {size / 4 / 1e6:.0f} M parameters, fp32 {size / gib:.2f} GiB; world {args.world}", flush=True)
