@@ -66,9 +66,8 @@ def load_for_backend(backend_name: str, ds_config: dict | None, rank: int, sourc
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """``model.gradient_checkpointing_enable`` with ``use_reentrant=False`` (the recomputation
     restores the RNG state of the forward, so dropout masks are the same; works with sharded
-    parameters); generation caches are turned off while training, as Hugging Face does."""
+    parameters). The config is left as it is (the final model's config.json stays the checkpoint's)."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
 
 
 def meta_model(model_config, source: str | None = None) -> torch.nn.Module:
