@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="a few minutes: g2p only, 200 examples, AdamW/SAM/FSAM, 2 seeds, 150 steps")
-    ap.add_argument("--model", default=None, help="pretrained start (default: .demo/pretrained-t5, built if missing)")
+    ap.add_argument("--model", default=None, help="pretrained start (default: .demo/pretrained-t5-v2, built if missing)")
     ap.add_argument("--out", type=Path, default=None, help="default runs/study (runs/study-quick with --quick)")
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=None)
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=None)
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-examples", type=int, default=None)
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: tabulate the runs of this plan that have finished")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (chosen on the g2p validation split)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--mask-interval", type=int, default=50)
     ap.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
@@ -366,9 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--methods: include adamw (step times and differences are relative to it)")
     args.out = args.out or REPO / ("runs/study-quick" if args.quick else "runs/study")
     if args.model is None:
-        from ..seq2seq.pretrain import pretrain
+        from ..seq2seq.pretrain import CACHE, pretrain
 
-        args.model = str(pretrain(REPO / ".demo" / "pretrained-t5"))
+        args.model = str(pretrain(REPO / CACHE))
     plan = make_plan(args)
     result = run_study(plan, args.val_examples, args.test_examples, train=not args.report_only)
     print("\n" + markdown(result["rows"]))
