@@ -151,7 +151,12 @@ def plot(groups: dict, labels: dict, output: Path) -> Path:
                 axes[2].plot([r["step"] for r in sharp], smooth([r["sharpness"] for r in sharp], window),
                              color=f"C{i}", alpha=0.8, label=label)
     axes[0].set(xlabel="step", ylabel="training loss (smoothed)", title="Training loss")
+    starts = [p[1] for run_dirs in groups.values() for d in run_dirs
+              for p in [(r["step"], r["eval/per"]) for r in read_metrics(d) if "eval/per" in r][:1]]
     axes[1].set(xlabel="step", ylabel="PER % (lower is better)", title="Validation phoneme error rate")
+    if starts and max(starts) > 100:     # the untrained format gives PER > 100: keep the curves readable
+        axes[1].set_ylim(0, 100)
+        axes[1].set_title(f"Validation phoneme error rate (step 0: {max(starts):.0f}, off the scale)")
     axes[2].set(xlabel="step", ylabel="L(w + e) − L(w) (smoothed)",
                 title="Sharpness along each method's own e (AdamW: none)")
     for ax in axes:
