@@ -217,7 +217,7 @@ def tiny_batch(step: int, rank: int, vocab: int = 64, n: int = 2, length: int = 
 
 
 def make_backend(kind: str, model: torch.nn.Module):
-    """'single'/'ddp' (LocalBackend), 'fsdp1'/'fsdp2' (FSDPBackend), 'zero0'..'zero3' (DeepSpeedBackend)."""
+    """'single'/'ddp' (LocalBackend), 'fsdp1'/'fsdp2' (wrap_fsdp), 'zero0'..'zero3' (DeepSpeedBackend)."""
     opt = lambda params: torch.optim.AdamW(params, lr=1e-3)   # noqa: E731
     if kind in ("single", "ddp"):
         from torch.nn.parallel import DistributedDataParallel
@@ -227,19 +227,20 @@ def make_backend(kind: str, model: torch.nn.Module):
         wrapped = DistributedDataParallel(model) if kind == "ddp" else model
         return LocalBackend(wrapped, opt(wrapped.parameters()))
     if kind.startswith("fsdp"):
-        from fsam_dist.shards.fsdp import FSDPBackend
+        from fsam_dist.train.fsdp_wrap import wrap_fsdp
 
-        return FSDPBackend(model, version=int(kind[-1]), optimizer_factory=opt, wrap_classes=("Block",))
+        return wrap_fsdp(model, version=int(kind[-1]), optimizer_factory=opt, wrap_classes=("Block",))
     if kind.startswith("zero"):
         import deepspeed
 
-        from fsam_dist.shards.deepspeed import DeepSpeedBackend, skip_cpu_shm_build
+        from fsam_dist.shards.deepspeed_internals import skip_cpu_shm_build
+        from fsam_dist.train.deepspeed_setup import build_deepspeed
 
         skip_cpu_shm_build()
         deepspeed.init_distributed(dist_backend="gloo")
         ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
               "zero_optimization": {"stage": int(kind[-1])}, "steps_per_print": 10 ** 9}
-        return DeepSpeedBackend(model, ds, opt(model.parameters()))
+        return build_deepspeed(model, ds, opt(model.parameters()))
     raise ValueError(f"unknown backend {kind!r}")
 
 

@@ -293,7 +293,8 @@ def _fp32_reference(ctx: Context) -> tuple[list[dict], dict, dict]:
 
 def deepspeed(ctx: Context) -> dict:
     from fsam_dist.config import Config, ConfigError
-    from fsam_dist.shards.deepspeed import DeepSpeedBackend, skip_cpu_shm_build
+    from fsam_dist.shards.deepspeed_internals import skip_cpu_shm_build
+    from fsam_dist.train.deepspeed_setup import build_deepspeed
     from fsam_dist.train.backends import preflight
     from fsam_dist.train.distributed import DistEnv
 
@@ -311,7 +312,7 @@ def deepspeed(ctx: Context) -> dict:
                   "zero_optimization": {"stage": stage}, "bf16": {"enabled": True},
                   "data_types": {"grad_accum_dtype": "fp32"}, "steps_per_print": 10 ** 9}
         model = _tiny()
-        backend = DeepSpeedBackend(model, config, torch.optim.AdamW(model.parameters(), lr=1e-3))
+        backend = build_deepspeed(model, config, torch.optim.AdamW(model.parameters(), lr=1e-3))
         stats = _train(backend, _fsam(), batches)
         got = {k: v.float() for k, v in backend.full_state_dict().items()}
         row["distance_to_fp32"] = _model_distance(got, ref, start)
@@ -341,7 +342,7 @@ def deepspeed(ctx: Context) -> dict:
 
 
 def fsdp2(ctx: Context) -> dict:
-    from fsam_dist.shards.fsdp import FSDPBackend
+    from fsam_dist.train.fsdp_wrap import wrap_fsdp
 
     _one_rank_group(ctx)
     batches, start, ref = _fp32_reference(ctx)
@@ -351,7 +352,7 @@ def fsdp2(ctx: Context) -> dict:
         variants.append(("CPU offload", {"cpu_offload": True}))
     for label, kwargs in variants:
         _peak_reset(ctx.device)
-        backend = FSDPBackend(_tiny(), 2, lambda params: torch.optim.AdamW(params, lr=1e-3), device=ctx.device,
+        backend = wrap_fsdp(_tiny(), 2, lambda params: torch.optim.AdamW(params, lr=1e-3), device=ctx.device,
                               **kwargs)
         stats = _train(backend, _fsam(), batches)
         got = {k: v.float().cpu() for k, v in backend.full_state_dict().items()}
@@ -423,8 +424,8 @@ def host_syncs(ctx: Context) -> dict:
 def _nccl_rank(rank: int, world: int, port: int, batches: list, queue) -> None:
     import torch.distributed as dist
 
-    from fsam_dist.shards.deepspeed import DeepSpeedBackend
-    from fsam_dist.shards.fsdp import FSDPBackend
+    from fsam_dist.train.deepspeed_setup import build_deepspeed
+    from fsam_dist.train.fsdp_wrap import wrap_fsdp
 
     from .common import set_rank_env
 
@@ -440,10 +441,10 @@ def _nccl_rank(rank: int, world: int, port: int, batches: list, queue) -> None:
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
               "zero_optimization": {"stage": 3}, "steps_per_print": 10 ** 9}
     model = _tiny()
-    zero3 = DeepSpeedBackend(model, config, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    zero3 = build_deepspeed(model, config, torch.optim.AdamW(model.parameters(), lr=1e-3))
     _train(zero3, _fsam(), mine)
     out["zero3"] = zero3.full_state_dict()
-    fsdp = FSDPBackend(_tiny(), 2, lambda params: torch.optim.AdamW(params, lr=1e-3), device=device)
+    fsdp = wrap_fsdp(_tiny(), 2, lambda params: torch.optim.AdamW(params, lr=1e-3), device=device)
     _train(fsdp, _fsam(), mine)
     out["fsdp2"] = fsdp.full_state_dict()
     if rank == 0:

@@ -42,14 +42,14 @@ def _backend(name: str, model, world: int, args):
 
         return LocalBackend(DistributedDataParallel(model), optimizer_factory(model.parameters()))
     if name.startswith("zero"):
-        from fsam_dist.shards.deepspeed import DeepSpeedBackend
+        from fsam_dist.train.deepspeed_setup import build_deepspeed
 
         ds = {"train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": 1,
               "gradient_clipping": 0.0, "zero_optimization": {"stage": int(name[-1])}, "steps_per_print": 10 ** 9}
-        return DeepSpeedBackend(model, ds, optimizer_factory(model.parameters()))
-    from fsam_dist.shards.fsdp import FSDPBackend
+        return build_deepspeed(model, ds, optimizer_factory(model.parameters()))
+    from fsam_dist.train.fsdp_wrap import wrap_fsdp
 
-    return FSDPBackend(model, version=int(name[-1]), optimizer_factory=optimizer_factory)
+    return wrap_fsdp(model, version=int(name[-1]), optimizer_factory=optimizer_factory)
 
 
 class _Timer:
@@ -86,7 +86,7 @@ def _worker(rank: int, world: int, port: int, name: str, args, queue) -> None:
     if name.startswith("zero"):
         import deepspeed
 
-        from fsam_dist.shards.deepspeed import skip_cpu_shm_build
+        from fsam_dist.shards.deepspeed_internals import skip_cpu_shm_build
 
         skip_cpu_shm_build()
         deepspeed.init_distributed(dist_backend="gloo")

@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)   # passed by the deepspeed launcher
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        from fsam_dist.shards.deepspeed import skip_cpu_shm_build
+        from fsam_dist.shards.deepspeed_internals import skip_cpu_shm_build
 
         skip_cpu_shm_build()   # the CPU shared-memory op serves inference only; building it takes ~1 min
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")

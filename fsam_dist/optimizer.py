@@ -68,7 +68,7 @@ def backend_for(model_or_engine, optimizer=None, scheduler=None, exclude=DEFAULT
         if scheduler is not None and scheduler is not model.lr_scheduler:
             raise FSAMUsageError("FSAMOptimizer: with a DeepSpeed engine the engine steps the scheduler: pass it to "
                                  "deepspeed.initialize(lr_scheduler=...) and not here")
-        return DeepSpeedBackend.from_engine(model, exclude=exclude)
+        return DeepSpeedBackend(model, exclude=exclude)
     if not isinstance(model, nn.Module):
         raise FSAMUsageError(f"FSAMOptimizer: cannot detect the backend of a {type(model).__name__}; pass an "
                              "nn.Module, a DistributedDataParallel, an FSDP1/FSDP2 module or a DeepSpeed engine")
@@ -78,7 +78,7 @@ def backend_for(model_or_engine, optimizer=None, scheduler=None, exclude=DEFAULT
         from .shards.fsdp import FSDPBackend
 
         _check_optimizer_holds(model, optimizer)
-        return FSDPBackend.from_wrapped(model, optimizer, scheduler, exclude=exclude)
+        return FSDPBackend(model, optimizer, scheduler, exclude=exclude)
     if any(isinstance(m, (FSDP, FSDPModule)) for m in model.modules()):
         raise FSAMUsageError("FSAMOptimizer: FSDP wraps only submodules of this model; wrap the root too "
                              "(FullyShardedDataParallel(model, ...) / fully_shard(model)) and pass the root")

@@ -140,7 +140,7 @@ def wrap(kind: str, model: nn.Module):
     if kind in ("z2", "z3"):
         import deepspeed
 
-        from fsam_dist.shards.deepspeed import skip_cpu_shm_build
+        from fsam_dist.shards.deepspeed_internals import skip_cpu_shm_build
 
         skip_cpu_shm_build()
         deepspeed.init_distributed(dist_backend="gloo")
@@ -238,7 +238,7 @@ def misuse_ranks(rank: int, world: int) -> dict:
 
     import deepspeed
 
-    from fsam_dist.shards.deepspeed import skip_cpu_shm_build
+    from fsam_dist.shards.deepspeed_internals import skip_cpu_shm_build
 
     skip_cpu_shm_build()
     deepspeed.init_distributed(dist_backend="gloo")

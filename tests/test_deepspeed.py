@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fsam_dist.core import FSAM
-from fsam_dist.shards.deepspeed import skip_cpu_shm_build
+from fsam_dist.shards.deepspeed_internals import skip_cpu_shm_build
 from fsam_dist.shards.local import LocalBackend
 from fsam_dist.train.loss import count_target_tokens, seq2seq_loss_sum
 from fsam_dist.train.step import train_step
@@ -197,11 +197,11 @@ def init_deepspeed() -> None:
 
 
 def ds_backend(case: Case, world: int, seed: int = 0):
-    from fsam_dist.shards.deepspeed import DeepSpeedBackend
+    from fsam_dist.train.deepspeed_setup import build_deepspeed
 
     net = make_model(case.model, seed)
     optimizer, scheduler = make_optimizer(net)
-    return DeepSpeedBackend(net, ds_config(case.stage, world, case.clip, case.config), optimizer, scheduler)
+    return build_deepspeed(net, ds_config(case.stage, world, case.clip, case.config), optimizer, scheduler)
 
 
 def save_before_resume(step: int, *, backend, fsam: FSAM, path: str, saved: dict) -> None:
@@ -342,7 +342,8 @@ def test_clip_mismatch_raises(two_ranks):
 
 
 def test_config_and_version_checks():
-    from fsam_dist.shards.deepspeed import DeepSpeedBackend, check_version
+    from fsam_dist.shards.deepspeed_internals import check_version
+    from fsam_dist.train.deepspeed_setup import build_deepspeed
 
     check_version("0.19.8")
     for bad in ("0.14.0", "1.0.0", "x.y"):
@@ -351,14 +352,14 @@ def test_config_and_version_checks():
     model = make_model("t5")
     optimizer, _ = make_optimizer(model)
     with pytest.raises(ValueError, match="fp16 is not supported"):
-        DeepSpeedBackend(model, ds_config(2, 1, 0.0, {"fp16": {"enabled": True}}), optimizer)
+        build_deepspeed(model, ds_config(2, 1, 0.0, {"fp16": {"enabled": True}}), optimizer)
     with pytest.raises(ValueError, match="offload_optimizer is not supported"):
-        DeepSpeedBackend(model, ds_config(2, 1, 0.0, {"zero_optimization": {
+        build_deepspeed(model, ds_config(2, 1, 0.0, {"zero_optimization": {
             "stage": 2, "offload_optimizer": {"device": "cpu"}}}), optimizer)
     with pytest.raises(ValueError, match="bf16 needs ZeRO stage 1, 2 or 3"):
-        DeepSpeedBackend(model, ds_config(0, 1, 0.0, {"bf16": {"enabled": True}}), optimizer)
+        build_deepspeed(model, ds_config(0, 1, 0.0, {"bf16": {"enabled": True}}), optimizer)
     with pytest.raises(ValueError, match="stage must be"):
-        DeepSpeedBackend(model, ds_config(4, 1, 0.0), optimizer)
+        build_deepspeed(model, ds_config(4, 1, 0.0), optimizer)
 
 
 def test_local_backend_state_roundtrip(tmp_path):

@@ -19,6 +19,7 @@ import torch
 
 from fsam_dist.core import FSAM, REPLICATED
 from fsam_dist.shards.fsdp import FSDPBackend
+from fsam_dist.train.fsdp_wrap import wrap_fsdp
 from fsam_dist.train.fsdp_setup import FSDPSettings, fsdp_settings_from_env
 from fsam_dist.shards.local import LocalBackend
 from fsam_dist.train.loss import count_target_tokens, seq2seq_loss_sum
@@ -39,7 +40,7 @@ CLIP = 1.5                                          # global-norm clipping, acti
 
 def optimizer_factory(params):
     """AdamW without weight decay on layer norms: a name-based grouping, built from a module
-    (reference) or from FSDPBackend's ShardedParams, which answer named_parameters() alike."""
+    (reference) or from wrap_fsdp's ShardedParams, which answer named_parameters() alike."""
     named = list(params.named_parameters())
     norms = [p for n, p in named if "layer_norm" in n]
     others = [p for n, p in named if "layer_norm" not in n]
@@ -94,7 +95,7 @@ class StaleGather(FSDPBackend):
                     module.unshard()
         else:
             from torch.distributed.fsdp._runtime_utils import _unshard
-            for st, handle, _ in self._fsdp1_handles:
+            for st, handle, _ in self.shards.handles:
                 _unshard(st, handle, st._unshard_stream, st._pre_unshard_stream)
         return super().views()
 
@@ -113,8 +114,8 @@ def local_numel(backend: FSDPBackend) -> int:
 def run_variant(rank: int, world: int, kwargs: dict, fsam_kwargs: dict | None = FSAM_KWARGS,
                 cls=FSDPBackend, steps=range(STEPS)) -> dict:
     start = time.perf_counter()
-    backend = cls(tiny_t5(seed=0), optimizer_factory=optimizer_factory, scheduler_factory=scheduler_factory,
-                  **kwargs)
+    backend = wrap_fsdp(tiny_t5(seed=0), optimizer_factory=optimizer_factory, scheduler_factory=scheduler_factory,
+                        adapter=cls, **kwargs)
     fsam = FSAM(**fsam_kwargs) if fsam_kwargs is not None else None
     out = train(backend, fsam, world, rank, steps)
     out.update(pieces=backend.local_pieces(), local_numel=local_numel(backend), total_numel=backend.total_numel,
@@ -126,16 +127,16 @@ def run_resumed(rank: int, world: int, kwargs: dict) -> dict:
     """RESUME_AT steps, save (backend + FSAM), a fresh backend from a *different* init loads it,
     then the remaining steps."""
     start = time.perf_counter()
-    backend = FSDPBackend(tiny_t5(seed=0), optimizer_factory=optimizer_factory,
-                          scheduler_factory=scheduler_factory, **kwargs)
+    backend = wrap_fsdp(tiny_t5(seed=0), optimizer_factory=optimizer_factory,
+                        scheduler_factory=scheduler_factory, **kwargs)
     fsam = FSAM(**FSAM_KWARGS)
     train(backend, fsam, world, rank, range(RESUME_AT))
     path = os.path.join(os.environ["FSDP_TEST_DIR"], f"ckpt_v{kwargs['version']}")
     backend.save_state(path)
     torch.save(fsam.state_dict(), os.path.join(path, f"fsam_rank{rank}.pt"))
     del backend, fsam
-    backend = FSDPBackend(tiny_t5(seed=1), optimizer_factory=optimizer_factory,
-                          scheduler_factory=scheduler_factory, **kwargs)
+    backend = wrap_fsdp(tiny_t5(seed=1), optimizer_factory=optimizer_factory,
+                        scheduler_factory=scheduler_factory, **kwargs)
     fsam = FSAM(**FSAM_KWARGS)
     backend.load_state(path)
     fsam.load_state_dict(torch.load(os.path.join(path, f"fsam_rank{rank}.pt"), weights_only=False))

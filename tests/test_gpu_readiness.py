@@ -172,7 +172,7 @@ def test_bf16_deepspeed_json_accumulates_gradients_in_fp32(tmp_path):
 
 
 def test_zero3_publish_waits_for_the_current_stream_on_a_gpu(monkeypatch):
-    from fsam_dist.shards.deepspeed import _zero3_publish
+    from fsam_dist.shards.deepspeed_internals import zero3_publish
 
     log = []
     stream = types.SimpleNamespace(synchronize=lambda: log.append("synchronize"))
@@ -180,10 +180,10 @@ def test_zero3_publish_waits_for_the_current_stream_on_a_gpu(monkeypatch):
     optimizer = types.SimpleNamespace(
         parameter_offload=types.SimpleNamespace(partition_all_parameters=lambda: log.append("release")),
         persistent_parameters=[])
-    _zero3_publish(optimizer, torch.device("cuda", 1))
+    zero3_publish(optimizer, torch.device("cuda", 1))
     assert log == [("stream", torch.device("cuda", 1)), "synchronize", "release"]
     log.clear()
-    _zero3_publish(optimizer, torch.device("cpu"))
+    zero3_publish(optimizer, torch.device("cpu"))
     assert log == ["release"]
 
 

@@ -82,23 +82,23 @@ def build(case: Case, world: int):
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
         return LocalBackend(DistributedDataParallel(model), optimizer, schedule(optimizer))
     if case.backend.startswith("zero"):
-        from fsam_dist.shards.deepspeed import DeepSpeedBackend
+        from fsam_dist.train.deepspeed_setup import build_deepspeed
 
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
         config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // (world * MICRO),
                   "gradient_accumulation_steps": MICRO, "gradient_clipping": case.clip,
                   "zero_optimization": {"stage": int(case.backend[-1])}, "steps_per_print": 10 ** 9}
-        return DeepSpeedBackend(model, config, optimizer, schedule(optimizer))
-    from fsam_dist.shards.fsdp import FSDPBackend
+        return build_deepspeed(model, config, optimizer, schedule(optimizer))
+    from fsam_dist.train.fsdp_wrap import wrap_fsdp
 
-    return FSDPBackend(model, version=2, scheduler_factory=schedule,
+    return wrap_fsdp(model, version=2, scheduler_factory=schedule,
                        optimizer_factory=lambda params: torch.optim.AdamW(
                            [p for _, p in params.named_parameters()], lr=LR))
 
 
 def run_library(rank: int, world: int, cases: dict) -> dict:
     from fsam_dist.core import FSAM
-    from fsam_dist.shards.deepspeed import skip_cpu_shm_build
+    from fsam_dist.shards.deepspeed_internals import skip_cpu_shm_build
     from fsam_dist.train.loss import count_target_tokens, seq2seq_loss_sum
     from fsam_dist.train.step import train_step
 

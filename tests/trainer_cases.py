@@ -111,7 +111,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if not torch.cuda.is_available() and any("deepspeed=" in case for case in args.case):
-        from fsam_dist.shards.deepspeed import skip_cpu_shm_build
+        from fsam_dist.shards.deepspeed_internals import skip_cpu_shm_build
 
         skip_cpu_shm_build()   # DeepSpeed's CPU shared-memory op serves inference only; building it takes ~1 min
     for case in args.case:

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO stages 0, 1, 2 and 3 (docs/design.md §3; measured facts: docs/backends.md).
+"""Where DeepSpeed ZeRO stages 0-3 keep the local shards (docs/design.md §3; facts: docs/backends.md).
 
 Where the local shard lives after a backward at the accumulation boundary:
 
@@ -17,132 +17,25 @@ Where the local shard lives after a backward at the accumulation boundary:
   released (the next forward re-gathers it) and the persistent parameters re-gathered, as
   ``step()`` leaves them. ``step()`` rewrites ``p.ds_tensor`` from the fp32 master.
 
-The global position of a fragment is the start of its parameter in the model-wide flattened order
-(trainable parameters in ``named_parameters()`` order) plus its offset in the parameter, exactly
-as in :class:`~fsam_dist.shards.local.LocalBackend`, so masks agree across backends.
+A fragment's global position is its parameter's start in the model-wide flattened order plus its
+offset in the parameter, as in :class:`~fsam_dist.shards.local.LocalBackend`, so masks agree.
+Internals without public API: :mod:`.deepspeed_internals`; building an engine: ``train/deepspeed_setup.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 import torch.distributed as dist
 
 from ..core import DEFAULT_EXCLUDE, REPLICATED, ShardView, global_positions, grad_norm, is_eligible
 from .base import Backend, LossFn
-
-TESTED_VERSIONS = ((0, 19), (0, 19))
-"""Inclusive (major, minor) range of DeepSpeed the private attributes below were checked against."""
-
-
-def check_version(version: str) -> None:
-    """Raise if ``version`` lies outside :data:`TESTED_VERSIONS` (the adapter reads internals)."""
-    try:
-        major_minor = tuple(int(x) for x in version.split(".")[:2])
-    except ValueError:
-        raise RuntimeError(f"DeepSpeedBackend: cannot parse the DeepSpeed version {version!r}") from None
-    low, high = TESTED_VERSIONS
-    if not low <= major_minor <= high:
-        raise RuntimeError(f"DeepSpeedBackend was tested with DeepSpeed {low[0]}.{low[1]}.x to {high[0]}.{high[1]}.x, "
-                           f"found {version}: it reads ZeRO internals without public API (see "
-                           "fsam_dist/shards/deepspeed.py); check them and widen TESTED_VERSIONS")
+from .deepspeed_internals import (check_version, zero3_copy_masters, zero3_local, zero3_publish,
+                                  zero12_clear_grads, zero12_fragment)
 
 
-# --- DeepSpeed internals without public API (checked for TESTED_VERSIONS) --------------------------
-# ZeRO-1/2: ``p._hp_mapping`` (None where this rank owns no entry of p) links the parameter to its
-# fragment of the fp32 master (``hp_fragment``), the fragment's offset in the parameter
-# (``lp_fragment_address.start``) and the reduced gradient (``get_lp_grad_fragment``, indexed by
-# ``p._index_in_param_group``). ``optimizer.averaged_gradients`` / ``all_grad_tensors`` /
-# ``micro_step_id`` hold gradients accumulated since the last ``step()``; DeepSpeed's own overflow
-# path clears them the way :func:`_zero12_clear_grads` does.
-# ZeRO-3: ``p.ds_tensor`` (local padded partition), ``p.ds_numel`` (unpadded numel),
-# ``optimizer.parameter_offload.partition_all_parameters()`` and ``optimizer.persistent_parameters``.
-
-def _zero12_fragment(p: torch.nn.Parameter):
-    """(offset in p, fp32 master fragment, reduced gradient fragment) or None if not owned here."""
-    mapping = getattr(p, "_hp_mapping", None)
-    if mapping is None:
-        return None
-    start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
-    grad = mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
-    if grad.numel() == p.numel() != numel:   # BF16_Optimizer keeps the whole parameter's gradient
-        grad = grad.narrow(0, start, numel)
-    return start, mapping.hp_fragment.view(-1), grad
-
-
-def _zero12_clear_grads(optimizer) -> None:
-    """Discard the ZeRO-1/2 gradients accumulated since the last step.
-
-    ``zero_grad`` alone is not enough for DeepSpeedZeroOptimizer: with bf16 weights and fp32
-    gradient accumulation it adds every backward into ``averaged_gradients`` until ``step()``
-    (which then clears them the way this does). BF16_Optimizer's ``zero_grad`` clears everything.
-    """
-    from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
-
-    optimizer.zero_grad(set_to_none=True)
-    if hasattr(optimizer, "averaged_gradients"):
-        optimizer._release_preflattened_grad_buffers()
-        for k in list(optimizer.averaged_gradients):
-            optimizer.averaged_gradients[k] = None
-        for k in list(optimizer.all_grad_tensors):
-            optimizer.all_grad_tensors[k] = None
-        optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
-
-
-def _zero3_local(p: torch.nn.Parameter, rank: int):
-    """(offset in p, local weight partition, local fp32 gradient, the padded gradient partition
-    to write back with ``safe_set_local_grad``), padding dropped."""
-    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
-
-    size = p.ds_tensor.ds_numel
-    start = rank * size
-    n = max(0, min(size, p.ds_numel - start))
-    grad = safe_get_local_grad(p)   # a copy where DeepSpeed keeps it in another dtype
-    weights = p.ds_tensor.view(-1)
-    if weights.dtype != torch.float32:   # bf16: perturb the fp32 master (a view); publish rounds it
-        weights = safe_get_local_fp32_param(p).view(-1)
-    return start, weights[:n], grad.view(-1)[:n], grad
-
-
-def _zero3_copy_masters(params) -> None:
-    """bf16 partitions ← their fp32 masters (what ``step()`` does after the update): after the
-    restore the master holds the exact original, whose bf16 rounding is the original partition."""
-    from deepspeed.utils import safe_get_local_fp32_param
-
-    with torch.no_grad():
-        for p in params:
-            p.ds_tensor.view(-1).copy_(safe_get_local_fp32_param(p).view(-1))
-
-
-def _zero3_publish(optimizer, device: torch.device) -> None:
-    """Make an in-place change to the ZeRO-3 partitions visible to the next forward.
-
-    On a GPU the change was written on the current stream while DeepSpeed all-gathers the
-    partitions on its own stream without waiting for it: finish the current stream first."""
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-    optimizer.parameter_offload.partition_all_parameters()
-    persistent = optimizer.persistent_parameters
-    if persistent:
-        persistent[0].all_gather(persistent)
-# ----------------------------------------------------------------------------------------------------
-
-
-def skip_cpu_shm_build() -> None:
-    """Stop DeepSpeed's CPU communication from compiling its shared-memory op at init.
-
-    The op serves only ``inference_all_reduce``, which training never calls; building it costs
-    40-70 s on a fresh machine. (``deepspeed.comm.torch`` the *attribute* is torch itself, hence
-    the import by name.)
-    """
-    import importlib
-
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-
-
-def _check_supported(stage: int, fp16: bool, bf16: bool, offloaded: list[str]) -> None:
+def check_supported(stage: int, fp16: bool, bf16: bool, offloaded: list[str]) -> None:
     """Refuse what the adapter does not handle, naming the DeepSpeed config key."""
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"DeepSpeedBackend: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
@@ -157,56 +50,29 @@ def _check_supported(stage: int, fp16: bool, bf16: bool, offloaded: list[str]) -
 
 
 class DeepSpeedBackend(Backend):
-    """A model trained by a DeepSpeed engine at ZeRO stage 0 (fp32), 1, 2 or 3 (fp32 or bf16).
+    """The adapter of a DeepSpeed engine at ZeRO stage 0 (fp32), 1, 2 or 3 (fp32 or bf16).
 
     Args:
-        model: the ``torch.nn.Module`` (not yet wrapped).
-        ds_config: the DeepSpeed config dict, passed to ``deepspeed.initialize`` as it is (a copy).
-            ``gradient_clipping`` must equal the ``clip_grad_norm`` given to the step: DeepSpeed
-            clips inside ``engine.step()``, and its default is 1.0. ``gradient_accumulation_steps``
-            feeds only DeepSpeed's batch-size check and sample counters: the step marks the
-            accumulation boundary of its own micro-batch loop and already divides the loss by the
-            global target count, so ``engine.backward`` runs with ``scale_wrt_gas=False``.
-        optimizer: a torch optimizer over ``model.parameters()`` (so DeepSpeed compiles no fused
-            Adam); DeepSpeed wraps it.
-        scheduler: an LR scheduler of ``optimizer``; DeepSpeed steps it after every applied step.
+        engine: what ``deepspeed.initialize`` returned first, built with a torch optimizer over
+            ``model.parameters()`` (so DeepSpeed compiles no fused Adam) and the LR scheduler,
+            which the engine steps (to build one from a config dict:
+            :func:`fsam_dist.train.deepspeed_setup.build_deepspeed`). ``gradient_clipping`` must
+            equal the ``clip_grad_norm`` given to the step: DeepSpeed clips inside
+            ``engine.step()``, and its default is 1.0.
         exclude: regexes of parameter names the Fisher mask does not apply to.
 
-    ``deepspeed.init_distributed(dist_backend=...)`` (or ``torch.distributed.init_process_group``)
-    must have run before. Not supported: ZeRO offload, fp16 (needs a GPU; untested).
+    The step marks the accumulation boundary of its own micro-batch loop and already divides the
+    loss by the global target count, so ``engine.backward`` runs with ``scale_wrt_gas=False``.
+    Not supported: ZeRO offload, fp16 (needs a GPU; untested).
     """
 
-    def __init__(self, model: torch.nn.Module, ds_config: dict, optimizer: torch.optim.Optimizer, scheduler=None,
-                 exclude: tuple[str, ...] | list[str] = DEFAULT_EXCLUDE) -> None:
-        import deepspeed
-
-        check_version(deepspeed.__version__)
-        zero = ds_config.get("zero_optimization", {})
-        offloaded = [key for key in ("offload_optimizer", "offload_param")
-                     if zero.get(key) and zero[key].get("device", "none") != "none"]
-        _check_supported(int(zero.get("stage", 0)), ds_config.get("fp16", {}).get("enabled", False),
-                         ds_config.get("bf16", {}).get("enabled", False), offloaded)
-        if not dist.is_initialized():
-            raise RuntimeError("DeepSpeedBackend: call deepspeed.init_distributed(dist_backend=...) first")
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=copy.deepcopy(ds_config))
-        self._attach(engine, exclude)
-
-    @classmethod
-    def from_engine(cls, engine, exclude: tuple[str, ...] | list[str] = DEFAULT_EXCLUDE) -> "DeepSpeedBackend":
-        """The adapter of an engine the caller built with ``deepspeed.initialize`` (same checks)."""
+    def __init__(self, engine, exclude: tuple[str, ...] | list[str] = DEFAULT_EXCLUDE) -> None:
         import deepspeed
 
         check_version(deepspeed.__version__)
         offloaded = [key for key in ("offload_optimizer", "offload_param")
                      if getattr(getattr(engine, f"zero_{key}")(), "device", "none") not in ("none", None)]
-        _check_supported(engine.zero_optimization_stage(), engine.fp16_enabled(), engine.bfloat16_enabled(),
-                         offloaded)
-        backend = cls.__new__(cls)
-        backend._attach(engine, exclude)
-        return backend
-
-    def _attach(self, engine, exclude) -> None:
+        check_supported(engine.zero_optimization_stage(), engine.fp16_enabled(), engine.bfloat16_enabled(), offloaded)
         self.engine, self.optimizer, self.scheduler = engine, engine.optimizer, engine.lr_scheduler
         self.stage = int(engine.zero_optimization_stage())
         self.module = self.engine.module
@@ -229,8 +95,7 @@ class DeepSpeedBackend(Backend):
         self.bit16 = bool(engine.bfloat16_enabled())
 
     def at_boundary(self) -> bool:
-        """Whether the last ``engine.backward`` ran at a gradient-accumulation boundary (only
-        then are the gradients reduced and partitioned where :meth:`views` reads them)."""
+        """Whether the last ``engine.backward`` ran at the accumulation boundary (gradients reduced)."""
         return bool(self.engine.is_gradient_accumulation_boundary())
 
     @property
@@ -253,10 +118,10 @@ class DeepSpeedBackend(Backend):
                     p.grad = torch.zeros_like(p)
                 piece = (0, p.detach().view(-1), p.grad.view(-1))
             elif self.layout == "zero3":
-                *piece, padded = _zero3_local(p, self.dp_rank)
+                *piece, padded = zero3_local(p, self.dp_rank)
                 self._zero3_grads.append((p, padded))
             else:
-                piece = _zero12_fragment(p)
+                piece = zero12_fragment(p)
             if piece is not None and piece[1].numel():
                 offset, weights, grad = piece
                 views.append(ShardView(name, weights, grad, self.positions[name] + offset, self.eligible[name]))
@@ -267,13 +132,13 @@ class DeepSpeedBackend(Backend):
             self.optimizer.update_lp_params()   # fp32 master → replicated weights (all-gather)
         elif self.layout == "zero3":
             if self.bit16:
-                _zero3_copy_masters(p for _, p in self.trainable)
-            _zero3_publish(self.optimizer, torch.device(self.engine.device))
+                zero3_copy_masters(p for _, p in self.trainable)
+            zero3_publish(self.optimizer, torch.device(self.engine.device))
 
     def zero_grad(self) -> None:
         self._zero3_grads = []
         if self.layout == "fragments":
-            _zero12_clear_grads(self.optimizer)
+            zero12_clear_grads(self.optimizer)
         else:
             # Not engine.zero_grad(): it only drops p.grad, and ZeRO-3's partitioned gradients
             # would accumulate g1 + g2 (its optimizer.zero_grad also resets micro_step_id).
@@ -295,8 +160,7 @@ class DeepSpeedBackend(Backend):
         return norm
 
     def save_state(self, path: str) -> None:
-        """``engine.save_checkpoint`` into the directory ``path`` (module, optimizer and scheduler
-        state; each rank writes its shards)."""
+        """``engine.save_checkpoint`` into the directory ``path`` (each rank writes its shards)."""
         self.engine.save_checkpoint(str(path), tag="state")
 
     def load_state(self, path: str) -> None:
@@ -306,8 +170,7 @@ class DeepSpeedBackend(Backend):
             raise FileNotFoundError(f"DeepSpeedBackend: no DeepSpeed checkpoint in {path}")
 
     def full_weights_module(self) -> torch.nn.Module | None:
-        """The module itself at stages 0-2 (every rank holds all current weights, bf16 where
-        training is bf16); None under ZeRO-3."""
+        """The module at stages 0-2 (every rank holds all current weights); None under ZeRO-3."""
         return None if self.layout == "zero3" else self.module
 
     def full_state_dict(self) -> dict | None:

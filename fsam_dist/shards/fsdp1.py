@@ -1,4 +1,4 @@
-"""Where FSDP1's shards live (``FullyShardedDataParallel``, ``use_orig_params=True``), and its wrapping.
+"""Where FSDP1's shards live (``FullyShardedDataParallel``, ``use_orig_params=True``).
 
 Each FSDP unit flattens its parameters into one ``FlatParameter`` and keeps a 1-D shard of it,
 ``flat_param._local_shard`` (fp32, also under mixed precision; the padding at the end of the last
@@ -56,22 +56,6 @@ def check_fsdp1_internals(version: str | None = None) -> None:
                            f"{version}{'; missing: ' + ', '.join(missing) if missing else ''}: it reads FSDP1 "
                            "internals without public API (fsam_dist/shards/fsdp1.py); check them and widen "
                            "TESTED_TORCH, or use FSDP2 (fully_shard)")
-
-
-def wrap_fsdp1(model: nn.Module, wrap: set[type], strategy: str, mixed_precision: str | None, cpu_offload: bool,
-               device: torch.device) -> nn.Module:
-    """``FullyShardedDataParallel`` with ``use_orig_params=True``, each ``wrap`` block a unit."""
-    from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    mp = None
-    if mixed_precision == "bf16":
-        mp = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)   # buffers stay fp32, as FSDP2
-    return FSDP(model, sharding_strategy=ShardingStrategy[strategy],
-                auto_wrap_policy=ModuleWrapPolicy(wrap) if wrap else None, mixed_precision=mp,
-                cpu_offload=CPUOffload(offload_params=True) if cpu_offload else None,
-                use_orig_params=True, device_id=device)
 
 
 class FSDP1Shards:

@@ -1,4 +1,4 @@
-"""Where FSDP2's shards live (``fully_shard``), and its wrapping.
+"""Where FSDP2's shards live (``fully_shard``).
 
 Every parameter is a ``DTensor`` sharded on dim 0 (``Shard(0)``, torch.chunk layout: rank ``r``
 holds rows ``[r·c, min((r+1)·c, rows))`` with ``c = ceil(rows / world)``). The local shard is
@@ -14,28 +14,6 @@ import torch
 from torch import nn
 
 from ..core import ShardView
-
-
-def wrap_fsdp2(model: nn.Module, wrap: set[type], reshard_after_forward: bool, mixed_precision: str | None,
-               cpu_offload: bool, device: torch.device) -> nn.Module:
-    """``fully_shard`` each ``wrap`` block (children before parents), then the root."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    kwargs: dict = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
-    if mixed_precision == "bf16":
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
-    if device.type != "cpu":
-        model.to(device)
-    for module in reversed(list(model.modules())):
-        if module is not model and type(module) in wrap:
-            fully_shard(module, **kwargs)
-    fully_shard(model, **kwargs)
-    return model
 
 
 class FSDP2Shards:

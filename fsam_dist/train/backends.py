@@ -212,10 +212,10 @@ def build_backend(name: str, cfg: Config, env: DistEnv, model: torch.nn.Module, 
         return LocalBackend(wrapped, optimizer, make_scheduler(optimizer, cfg), exclude=exclude,
                             autocast_dtype=autocast)
     if name == "deepspeed":
-        from ..shards.deepspeed import DeepSpeedBackend
+        from .deepspeed_setup import build_deepspeed
 
         optimizer = make_optimizer(param_groups(model, cfg.optim.weight_decay), cfg)
-        return DeepSpeedBackend(model, ds_config, optimizer, make_scheduler(optimizer, cfg), exclude=exclude)
+        return build_deepspeed(model, ds_config, optimizer, make_scheduler(optimizer, cfg), exclude=exclude)
     if name == "fsdp":
         return fsdp_backend(
             model, fsdp_settings_from_env(),

@@ -91,7 +91,7 @@ def init(env: DistEnv, dist_backend: str, timeout_minutes: float, use_deepspeed:
     if use_deepspeed:
         import deepspeed
 
-        from ..shards.deepspeed import skip_cpu_shm_build
+        from ..shards.deepspeed_internals import skip_cpu_shm_build
 
         if backend == "gloo":
             skip_cpu_shm_build()

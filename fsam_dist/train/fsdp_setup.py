@@ -1,5 +1,5 @@
-"""FSDP set-up for the CLI: the settings ``accelerate launch`` exports (``FSDP_*`` variables) and
-the wrapping of the model they describe, before the adapter (:mod:`fsam_dist.shards.fsdp`) is built.
+"""FSDP set-up for the CLI: the settings ``accelerate launch`` exports (``FSDP_*`` variables), turned
+into the arguments of :func:`~fsam_dist.train.fsdp_wrap.wrap_fsdp`.
 
 ``accelerate launch --config_file configs/accelerate/fsdp2.yaml`` is used as a *launcher* only:
 accelerate 1.15's own FSDP preparation does not work on CPU (docs/design.md); this module turns
@@ -17,11 +17,12 @@ from torch import nn
 
 from ..core import DEFAULT_EXCLUDE
 from ..shards.fsdp import FSDP1_STRATEGIES, FSDPBackend
+from .fsdp_wrap import wrap_fsdp
 
 
 @dataclass(frozen=True)
 class FSDPSettings:
-    """How to wrap the model; :meth:`backend_kwargs` gives :class:`FSDPBackend`'s keyword args."""
+    """How to wrap the model; :meth:`backend_kwargs` gives :func:`wrap_fsdp`'s keyword args."""
 
     version: int = 2
     sharding_strategy: str = "FULL_SHARD"
@@ -29,7 +30,7 @@ class FSDPSettings:
     reshard_after_forward: bool = True
     """FSDP2 only."""
     wrap_classes: tuple[str, ...] | None = None
-    """Block classes wrapped as FSDP units; None = :data:`DEFAULT_WRAP_CLASSES` found in the model
+    """Block classes wrapped as FSDP units; None = ``fsdp_wrap.DEFAULT_WRAP_CLASSES`` found in the model
     (else the model's ``_no_split_modules``); () = the root only."""
     mixed_precision: str | None = None
     cpu_offload: bool = False
@@ -196,5 +197,5 @@ def fsdp_backend(model: nn.Module, settings: FSDPSettings | None = None, *,
             raise ValueError(f"accelerate config mixed_precision: {settings.mixed_precision} disagrees with "
                              f"train.precision: {precision}")
         kwargs["mixed_precision"] = wanted
-    return FSDPBackend(model, optimizer_factory=optimizer_factory, scheduler_factory=scheduler_factory,
-               exclude=exclude, device=device, **kwargs)
+    return wrap_fsdp(model, optimizer_factory=optimizer_factory, scheduler_factory=scheduler_factory,
+                     exclude=exclude, device=device, **kwargs)

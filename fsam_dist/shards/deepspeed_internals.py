@@ -1,0 +1,117 @@
+"""DeepSpeed's private internals the ZeRO adapter reads, each behind :func:`check_version`.
+
+None of these has public API at DeepSpeed 0.19; :class:`~fsam_dist.shards.deepspeed.DeepSpeedBackend`
+calls :func:`check_version` before it touches any of them, so a DeepSpeed release that moves one
+fails with one clear error instead of a wrong answer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TESTED_VERSIONS = ((0, 19), (0, 19))
+"""Inclusive (major, minor) range of DeepSpeed the private attributes below were checked against."""
+
+
+def check_version(version: str) -> None:
+    """Raise if ``version`` lies outside :data:`TESTED_VERSIONS` (the adapter reads internals)."""
+    try:
+        major_minor = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        raise RuntimeError(f"DeepSpeedBackend: cannot parse the DeepSpeed version {version!r}") from None
+    low, high = TESTED_VERSIONS
+    if not low <= major_minor <= high:
+        raise RuntimeError(f"DeepSpeedBackend was tested with DeepSpeed {low[0]}.{low[1]}.x to {high[0]}.{high[1]}.x, "
+                           f"found {version}: it reads ZeRO internals without public API (see "
+                           "fsam_dist/shards/deepspeed.py); check them and widen TESTED_VERSIONS")
+
+
+# DeepSpeed internals without public API (checked for TESTED_VERSIONS):
+# ZeRO-1/2: ``p._hp_mapping`` (None where this rank owns no entry of p) links the parameter to its
+# fragment of the fp32 master (``hp_fragment``), the fragment's offset in the parameter
+# (``lp_fragment_address.start``) and the reduced gradient (``get_lp_grad_fragment``, indexed by
+# ``p._index_in_param_group``). ``optimizer.averaged_gradients`` / ``all_grad_tensors`` /
+# ``micro_step_id`` hold gradients accumulated since the last ``step()``; DeepSpeed's own overflow
+# path clears them the way :func:`zero12_clear_grads` does.
+# ZeRO-3: ``p.ds_tensor`` (local padded partition), ``p.ds_numel`` (unpadded numel),
+# ``optimizer.parameter_offload.partition_all_parameters()`` and ``optimizer.persistent_parameters``.
+
+def zero12_fragment(p: torch.nn.Parameter):
+    """(offset in p, fp32 master fragment, reduced gradient fragment) or None if not owned here."""
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+    grad = mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+    if grad.numel() == p.numel() != numel:   # BF16_Optimizer keeps the whole parameter's gradient
+        grad = grad.narrow(0, start, numel)
+    return start, mapping.hp_fragment.view(-1), grad
+
+
+def zero12_clear_grads(optimizer) -> None:
+    """Discard the ZeRO-1/2 gradients accumulated since the last step.
+
+    ``zero_grad`` alone is not enough for DeepSpeedZeroOptimizer: with bf16 weights and fp32
+    gradient accumulation it adds every backward into ``averaged_gradients`` until ``step()``
+    (which then clears them the way this does). BF16_Optimizer's ``zero_grad`` clears everything.
+    """
+    from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+    optimizer.zero_grad(set_to_none=True)
+    if hasattr(optimizer, "averaged_gradients"):
+        optimizer._release_preflattened_grad_buffers()
+        for k in list(optimizer.averaged_gradients):
+            optimizer.averaged_gradients[k] = None
+        for k in list(optimizer.all_grad_tensors):
+            optimizer.all_grad_tensors[k] = None
+        optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
+
+
+def zero3_local(p: torch.nn.Parameter, rank: int):
+    """(offset in p, local weight partition, local fp32 gradient, the padded gradient partition
+    to write back with ``safe_set_local_grad``), padding dropped."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
+
+    size = p.ds_tensor.ds_numel
+    start = rank * size
+    n = max(0, min(size, p.ds_numel - start))
+    grad = safe_get_local_grad(p)   # a copy where DeepSpeed keeps it in another dtype
+    weights = p.ds_tensor.view(-1)
+    if weights.dtype != torch.float32:   # bf16: perturb the fp32 master (a view); publish rounds it
+        weights = safe_get_local_fp32_param(p).view(-1)
+    return start, weights[:n], grad.view(-1)[:n], grad
+
+
+def zero3_copy_masters(params) -> None:
+    """bf16 partitions ← their fp32 masters (what ``step()`` does after the update): after the
+    restore the master holds the exact original, whose bf16 rounding is the original partition."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    with torch.no_grad():
+        for p in params:
+            p.ds_tensor.view(-1).copy_(safe_get_local_fp32_param(p).view(-1))
+
+
+def zero3_publish(optimizer, device: torch.device) -> None:
+    """Make an in-place change to the ZeRO-3 partitions visible to the next forward.
+
+    On a GPU the change was written on the current stream while DeepSpeed all-gathers the
+    partitions on its own stream without waiting for it: finish the current stream first."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    optimizer.parameter_offload.partition_all_parameters()
+    persistent = optimizer.persistent_parameters
+    if persistent:
+        persistent[0].all_gather(persistent)
+
+
+def skip_cpu_shm_build() -> None:
+    """Stop DeepSpeed's CPU communication from compiling its shared-memory op at init.
+
+    The op serves only ``inference_all_reduce``, which training never calls; building it costs
+    40-70 s on a fresh machine. (``deepspeed.comm.torch`` the *attribute* is torch itself, hence
+    the import by name.)
+    """
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
