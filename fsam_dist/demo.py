@@ -181,7 +181,7 @@ def verdict(per: dict, labels: dict) -> str:
     if "fsam" in per and "sam" in per:
         parts.append(diff("fsam", "sam"))
     return ("What this shows: " + "; ".join(parts) + ". A difference whose interval contains 0 is not shown "
-            "by this demo; see docs/results.md for the 5-seed study with two sizes and two tasks.")
+            "by this demo; see docs/results.md for the 5-seed study at two training-set sizes.")
 
 
 def main(argv: list[str] | None = None) -> int:
