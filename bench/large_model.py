@@ -42,7 +42,7 @@ import time
 
 import torch
 
-from .common import free_port, set_rank_env
+from .common import free_port, memory_status, reset_peak_rss, set_rank_env
 
 SHAPES = {"t5-large": (1024, 24, 16, 32128, 4096), "t5-base": (768, 12, 12, 32128, 3072)}
 """name → (d_model, layers, heads, vocab, d_ff)."""
@@ -67,21 +67,6 @@ def make_model(spec: str, out: str) -> int:
     model = T5ForConditionalGeneration(config)
     model.save_pretrained(out, safe_serialization=True, max_shard_size="500MB")
     return numel
-
-
-def _status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM", "VmRSS")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _batch(rank: int, step: int) -> dict:
@@ -127,21 +112,21 @@ def _worker(rank: int, world: int, port: int, name: str, model_dir: str, steps: 
     warm = meta_model(config)   # imports and first-use costs before the baseline
     del warm
     dist.barrier()
-    baseline = _status()["VmRSS"]
-    _reset_peak()
+    baseline = memory_status()["VmRSS"]
+    reset_peak_rss()
     start = time.perf_counter()
     if plain:
         model, from_rank0 = load_model(model_dir), False
     else:
         loaded = load_for_backend(backend_name, ds_config, rank, model_dir, config)
         model, from_rank0 = loaded.model, loaded.from_rank0
-    model_peak = _status()["VmHWM"] - baseline
+    model_peak = memory_status()["VmHWM"] - baseline
     model.train()
     backend = build_backend(backend_name, cfg, env, model, torch.device("cpu"), ds_config, from_rank0=from_rank0)
     dist.barrier()
     load_seconds = time.perf_counter() - start
-    load_peak = _status()["VmHWM"] - baseline
-    _reset_peak()
+    load_peak = memory_status()["VmHWM"] - baseline
+    reset_peak_rss()
     times: dict[str, list[float]] = {"adamw": [], "fsam": []}
     fsam = FSAM(rho=0.05, keep_ratio=0.1, mask_interval=100)
     for mode in ("adamw", "fsam"):
@@ -152,7 +137,7 @@ def _worker(rank: int, world: int, port: int, name: str, model_dir: str, steps: 
                        fsam=fsam if mode == "fsam" else None, clip_grad_norm=1.0)
             dist.barrier()
             times[mode].append(time.perf_counter() - t0)
-    step_peak = _status()["VmHWM"] - baseline
+    step_peak = memory_status()["VmHWM"] - baseline
     queue.put({"rank": rank, "baseline": baseline, "model_peak": model_peak, "load_peak": load_peak, "load_seconds": load_seconds,
                "step_peak": step_peak, "times": times})
     dist.barrier()

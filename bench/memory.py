@@ -39,7 +39,7 @@ import statistics
 
 import torch
 
-from .common import random_batch, set_rank_env, spawn_ranks, t5_model
+from .common import memory_status, random_batch, reset_peak_rss, set_rank_env, spawn_ranks, t5_model
 
 MODES = {
     "AdamW": None,
@@ -48,21 +48,6 @@ MODES = {
     "FSAM + LookSAM (k=2)": dict(rho=0.05, keep_ratio=0.1, interval=2, reuse_direction=True),
 }
 BACKENDS = ["single", "ddp", "zero0", "zero1", "zero2", "zero3", "fsdp1", "fsdp2"]
-
-
-def _status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM", "VmRSS")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 SIZES = {"t5-small": dict(vocab=32128, d_model=512, layers=6, heads=8),    # ~60 M, random init
@@ -154,13 +139,13 @@ def _worker(rank: int, world: int, port: int, name: str, mode: str, args, queue)
             if distributed:
                 dist.barrier()
             state_bytes.clear()
-            _reset_peak()
-            baseline = _status()["VmRSS"]
+            reset_peak_rss()
+            baseline = memory_status()["VmRSS"]
         start = time.perf_counter()
         train_step(backend, seq2seq_loss_sum, [_batch(args, step, rank)], step=step,
                    count_targets=count_target_tokens, fsam=fsam)
         times.append(time.perf_counter() - start)
-    peak = _status()["VmHWM"]
+    peak = memory_status()["VmHWM"]
     local = local[0]
     worst = max(state_bytes, key=lambda s: s["total"]) if state_bytes else \
         {"mask": 0, "restore": 0, "reuse": 0, "total": 0, "perturbed_entries": 0}
