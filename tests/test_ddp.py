@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -58,9 +59,19 @@ def train(rank: int, world: int, micro: int, poison_rank: int = -1, poison_at=()
     return {"weights": state(model), "skipped": skipped, "unchanged_on_skip": history, "mask": first_mask}
 
 
-def reference(micro: int = 1, poison_at=()) -> dict:
-    """The same training on this process, with the whole global batch."""
-    return run_distributed(train, 1, micro, 0, poison_at)[0]
+POISON = [(2, 1), (5, 2)]
+"""(step, pass) where rank 1's gradient gets a NaN after DDP's all-reduce: pass 1 at step 2, pass 2 at step 5."""
+
+
+def _references(rank: int, world: int) -> dict:
+    """The same training in one process with the whole global batch: clean, and with POISON's
+    steps poisoned there too (one spawned process for both)."""
+    return {"clean": train(rank, world, 1), "poison": train(rank, world, 1, 0, POISON)}
+
+
+@pytest.fixture(scope="module")
+def references() -> dict:
+    return run_distributed(_references, 1)[0]
 
 
 def assert_same_weights(got: dict, expected: dict, label: str) -> float:
@@ -68,9 +79,9 @@ def assert_same_weights(got: dict, expected: dict, label: str) -> float:
     return assert_parity(got, expected, state(tiny_t5(seed=0)), LR * STEPS, label)
 
 
-def test_ddp_two_ranks_with_accumulation_equals_one_process():
+def test_ddp_two_ranks_with_accumulation_equals_one_process(references):
     """2 ranks × 2 micro-batches == one process with one batch, over 12 steps with 3 mask refreshes."""
-    expected = reference(micro=1)
+    expected = references["clean"]
     ranks = run_distributed(train, 2, 2)
     for rank, r in enumerate(ranks):
         assert_same_weights(r["weights"], expected["weights"], f"DDP rank {rank}")
@@ -81,16 +92,15 @@ def test_ddp_two_ranks_with_accumulation_equals_one_process():
     assert any(not torch.allclose(start[n], w) for n, w in expected["weights"].items())
 
 
-def test_nonfinite_gradient_on_one_rank_skips_the_step_on_all_ranks():
+def test_nonfinite_gradient_on_one_rank_skips_the_step_on_all_ranks(references):
     """NaN in rank 1's gradient only (after DDP's all-reduce): pass 1 at step 2, pass 2 at step 5."""
-    poison = [(2, 1), (5, 2)]
-    ranks = run_distributed(train, 2, 1, 1, poison, timeout=180)
+    ranks = run_distributed(train, 2, 1, 1, POISON, timeout=180)
     for r in ranks:
         assert [i for i, s in enumerate(r["skipped"]) if s] == [2, 5]
         assert r["unchanged_on_skip"] == [True, True]
     assert all(torch.equal(w, ranks[1]["weights"][n]) for n, w in ranks[0]["weights"].items())
     # the same steps skipped on one process gives the same weights
-    expected = run_distributed(train, 1, 1, 0, poison)[0]
+    expected = references["poison"]
     assert expected["skipped"] == ranks[0]["skipped"]
     assert_same_weights(ranks[0]["weights"], expected["weights"], "DDP with skipped steps")
 
@@ -105,7 +115,7 @@ if __name__ == "__main__":
 """
 
 
-def test_parity_holds_under_another_cpu_capability(tmp_path):
+def test_parity_holds_under_another_cpu_capability(tmp_path, references):
     """The 2-rank run with other CPU kernels (``ATEN_CPU_CAPABILITY``: other summation orders, as
     on another machine) against the reference computed here: still inside the parity rule."""
     import os
@@ -128,4 +138,4 @@ def test_parity_holds_under_another_cpu_capability(tmp_path):
     if run["capability"] == here:
         unavailable(f"this CPU offers no kernel set other than {here}")
     assert run["capability"] == other.upper(), run["capability"]
-    assert_same_weights(run["weights"], reference(micro=1)["weights"], f"DDP under {run['capability']} vs {here}")
+    assert_same_weights(run["weights"], references["clean"]["weights"], f"DDP under {run['capability']} vs {here}")

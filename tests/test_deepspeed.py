@@ -27,15 +27,15 @@ from .parity import assert_bf16_close, assert_bf16_not_close, assert_not_parity,
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")   # inherited by the spawned ranks
 
-STEPS = 10
+STEPS = 7
 GAS = 2
 GLOBAL_BATCH = 12          # 2 ranks × 2 micro-batches × 3 examples, or 3 ranks × 2 × 2
 LR = 1e-2
 FSAM_KW = dict(rho=0.05, keep_ratio=0.1, mask_interval=5)   # mask refreshed at steps 0 and 5
-RESUME_AT = 4              # resumed runs load the checkpoint written before this step
-NAN_STEPS = {3: (1, 0), 7: (0, 1)}
+RESUME_AT = 4              # resumed runs load the checkpoint written before this step (and refresh after it)
+NAN_STEPS = {3: (1, 0), 6: (0, 1)}
 """step → (rank, pass) whose loss is NaN in the 'skip' cases: step 3 is skipped after pass 1,
-step 7 after pass 2 (the perturbation must be undone first)."""
+step 6 after pass 2 (the perturbation must be undone first)."""
 
 
 class Case(NamedTuple):
@@ -56,8 +56,9 @@ MIXED_PERSISTENCE = {"zero_optimization": {"stage": 3, "stage3_param_persistence
 
 CASES_2 = {
     **{f"t5-z{s}": Case("t5", s) for s in (0, 1, 2, 3)},
+    # Clipping: the engine's own at stage 0, DeepSpeedZeroOptimizer's (one class for stages 1 and 2,
+    # the adapter's "fragments" layout at both) in t5-z2-clip-looksam, stage 3's in t5-z3-clip-skip.
     "t5-z0-clip": Case("t5", 0, clip=1.0),
-    "t5-z1-clip": Case("t5", 1, clip=1.0),
     "t5-z3-clip-skip": Case("t5", 3, clip=1.0, nan_plan=NAN_STEPS),
     "t5-z2-skip": Case("t5", 2, nan_plan=NAN_STEPS),
     "t5-z2-empirical": Case("t5", 2, fisher="empirical"),
@@ -71,12 +72,12 @@ CASES_2 = {
     # must fail the same tolerance (a bf16 path that dropped the perturbation).
     **{f"t5-z{s}-bf16": Case("t5", s, config=BF16) for s in (1, 2, 3)},
     "t5-z3-bf16-rho0": Case("t5", 3, rho=0.0, config=BF16),
-    # LookSAM: the reused g_v is added to the gradient the engine steps (and clips) with.
-    "t5-z1-looksam": Case("t5", 1, looksam=True),
+    # LookSAM: the reused g_v is added to the gradient the engine steps (and clips) with, at the
+    # "fragments" layout (stages 1 and 2) and at ZeRO-3 -- there on BART, whose frozen parameters
+    # are in the adapters' way (test_gpu_readiness.py runs T5 ZeRO-3 LookSAM, with copied gradients).
     "t5-z2-clip-looksam": Case("t5", 2, clip=1.0, looksam=True),
-    "t5-z3-looksam": Case("t5", 3, looksam=True),
     "bart-z1": Case("bart", 1),
-    "bart-z3": Case("bart", 3),
+    "bart-z3-looksam": Case("bart", 3, looksam=True),
 }
 RESUMED = ("t5-z2", "t5-z3")   # also saved before RESUME_AT and resumed in a fresh engine
 CASES_3 = {"t5-z3-mixed": Case("t5", 3, config=MIXED_PERSISTENCE)}
@@ -286,13 +287,13 @@ def check_against_reference(results: list[dict], name: str, case: Case, world: i
         assert_mask_equal(results, name, ref["mask"], total, replicated=case.stage == 0)
 
 
-@pytest.mark.parametrize("name", ["t5-z0", "t5-z1", "t5-z2", "t5-z3", "t5-z0-clip", "t5-z1-clip",
-                                  "t5-z3-clip-skip", "t5-z2-skip", "t5-z2-empirical", "bart-z1", "bart-z3",
-                                  "t5-z1-looksam", "t5-z2-clip-looksam", "t5-z3-looksam"])
+@pytest.mark.parametrize("name", ["t5-z0", "t5-z1", "t5-z2", "t5-z3", "t5-z0-clip", "t5-z3-clip-skip",
+                                  "t5-z2-skip", "t5-z2-empirical", "bart-z1", "bart-z3-looksam",
+                                  "t5-z2-clip-looksam"])
 def test_two_ranks_match_single_process(two_ranks, name):
     case = CASES_2[name]
     if case.nan_plan:
-        # A NaN loss on one rank (step 3: pass 1, step 7: pass 2) skips the step on every rank and
+        # A NaN loss on one rank (step 3: pass 1, step 6: pass 2) skips the step on every rank and
         # leaves weights, optimizer and DeepSpeed's gradient buffers as if it never happened.
         assert all(r[name]["skipped"] == sorted(case.nan_plan) for r in two_ranks)
     check_against_reference(two_ranks, name, case, 2)

@@ -28,8 +28,8 @@ from fsam_dist.train.step import train_step
 from .helpers import run_distributed, split_batch, state, synthetic_batch, tiny_t5
 from .parity import LOSS_BF16, assert_bf16_close, assert_bf16_not_close, assert_not_parity, assert_parity
 
-STEPS, GLOBAL_BATCH, MICRO, LR = 12, 12, 2, 1e-2   # 12 = 2 ranks × 2 micro × 3 = 3 ranks × 2 micro × 2
-RESUME_AT = 7                                       # mid mask interval: the mask must come back too
+STEPS, GLOBAL_BATCH, MICRO, LR = 8, 12, 2, 1e-2    # 12 = 2 ranks × 2 micro × 3 = 3 ranks × 2 micro × 2
+RESUME_AT = 6                                       # mid mask interval: the mask must come back too
 FSAM_KWARGS = dict(rho=0.05, keep_ratio=0.1, mask_interval=5)
 MASK_STEPS = (0, 5)                                 # the first mask and the refresh inside the run
 # g_v reused at 2 of 3 steps, with LookSAM's α (the measured default adds less: less power)
@@ -354,8 +354,8 @@ def test_bf16_mixed_precision_stays_near_fp32(two_ranks, version):
 
 @pytest.mark.parametrize("version", [2, 1])
 def test_save_load_continue_equals_uninterrupted(two_ranks, version):
-    """Sharded DCP checkpoint at step 7 into a model built from a different init, then 5 more
-    steps: bit-identical to never stopping (weights, AdamW moments, scheduler, FSAM mask)."""
+    """Sharded DCP checkpoint at step RESUME_AT (6) into a model built from a different init, then
+    the remaining steps: bit-identical to never stopping (weights, AdamW moments, scheduler, FSAM mask)."""
     uninterrupted = two_ranks[0]["variants"]["fsdp2" if version == 2 else "fsdp1_full_shard"]["weights"]
     resumed = two_ranks[0]["resumed"][version]
     assert resumed["lr_after_load"] == pytest.approx(LR * (1 - 0.05 * RESUME_AT))   # scheduler state back

@@ -187,33 +187,11 @@ def test_zero3_publish_waits_for_the_current_stream_on_a_gpu(monkeypatch):
     assert log == ["release"]
 
 
-def _zero3_looksam_with_copied_grads(rank: int, world: int, checkpoint_dir: str) -> dict:
-    import deepspeed.utils
-
-    from . import test_deepspeed as tds
-
-    # bf16 (or any grad dtype other than fp32): safe_get_local_grad hands out a .float() copy.
-    real = deepspeed.utils.safe_get_local_grad
-    deepspeed.utils.safe_get_local_grad = lambda p: real(p).clone()
-    return tds.run_cases(rank, world, {"z3-looksam-copies": tds.Case("t5", 3, looksam=True)}, (), checkpoint_dir)
-
-
-def test_zero3_looksam_writes_the_corrected_gradient_back(tmp_path):
-    from . import test_deepspeed as tds
-
-    results = run_distributed(_zero3_looksam_with_copied_grads, 2, str(tmp_path), timeout=600)
-    weights = results[0]["z3-looksam-copies"]["weights"]
-    assert all(t.device.type == "cpu" for t in weights.values()), "the consolidated state dict is on the CPU"
-    tds.check_against_reference(results, "z3-looksam-copies", tds.Case("t5", 3, looksam=True), 2)
-
-
-def _zero3_bf16_perturbation(rank: int, world: int) -> dict:
+def _zero3_bf16_perturbation(backend, world: int, rank: int) -> dict:
     from deepspeed.utils import safe_get_local_fp32_param
 
     from . import test_deepspeed as tds
 
-    tds.init_deepspeed()
-    backend = tds.ds_backend(tds.Case("t5", 3, config=tds.BF16), world)
     params = [p for _, p in backend.trainable]
     masters = lambda: [safe_get_local_fp32_param(p).detach().clone() for p in params]   # noqa: E731
     partitions = lambda: [p.ds_tensor.detach().clone() for p in params]                 # noqa: E731
@@ -241,8 +219,42 @@ def _zero3_bf16_perturbation(rank: int, world: int) -> dict:
     }
 
 
-def test_zero3_bf16_perturbs_the_fp32_master_and_restores_exactly():
-    for r in run_distributed(_zero3_bf16_perturbation, 2, timeout=600):
+def _zero3_checks(rank: int, world: int, checkpoint_dir: str) -> dict:
+    """Both ZeRO-3 checks in one 2-rank run (one start-up): the bf16 perturbation on its own engine,
+    then LookSAM with ``safe_get_local_grad`` handing out copies (``run_cases``, its own engine)."""
+    import deepspeed.utils
+
+    from . import test_deepspeed as tds
+
+    tds.init_deepspeed()
+    out = {"bf16": _zero3_bf16_perturbation(tds.ds_backend(tds.Case("t5", 3, config=tds.BF16), world), world, rank)}
+    # bf16 (or any grad dtype other than fp32): safe_get_local_grad hands out a .float() copy.
+    real = deepspeed.utils.safe_get_local_grad
+    deepspeed.utils.safe_get_local_grad = lambda p: real(p).clone()
+    try:
+        out["looksam"] = tds.run_cases(rank, world, {"z3-looksam-copies": tds.Case("t5", 3, looksam=True)}, (),
+                                       checkpoint_dir)
+    finally:
+        deepspeed.utils.safe_get_local_grad = real
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero3_runs(tmp_path_factory):
+    return run_distributed(_zero3_checks, 2, str(tmp_path_factory.mktemp("zero3")), timeout=600)
+
+
+def test_zero3_looksam_writes_the_corrected_gradient_back(zero3_runs):
+    from . import test_deepspeed as tds
+
+    results = [r["looksam"] for r in zero3_runs]
+    weights = results[0]["z3-looksam-copies"]["weights"]
+    assert all(t.device.type == "cpu" for t in weights.values()), "the consolidated state dict is on the CPU"
+    tds.check_against_reference(results, "z3-looksam-copies", tds.Case("t5", 3, looksam=True), 2)
+
+
+def test_zero3_bf16_perturbs_the_fp32_master_and_restores_exactly(zero3_runs):
+    for r in (r["bf16"] for r in zero3_runs):
         assert r["bf16"] and r["start_rounded"]
         assert r["master_moved"] > 0, "the perturbation reaches the fp32 master"
         assert r["partition_is_rounded_master"], "the forward reads bf16(w + e) from the master"

@@ -54,9 +54,12 @@ def test_torchrun_ddp_with_accumulation_equals_one_process(single_run, tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [2])
 def test_deepspeed_launcher_equals_one_process(single_run, tmp_path, tiny_t5_dir, tiny_data, stage):
-    """`deepspeed --num_gpus 2 launch/train.py` (CPU, gloo) with our ZeRO JSON == one process."""
+    """`deepspeed --num_gpus 2 launch/train.py` (CPU, gloo) with our ZeRO JSON == one process.
+    ZeRO-3 through the same launcher, JSON (configs/deepspeed/zero3.json), 2 × 2 micro-batches, mask
+    refreshes and checkpoints is test_reliability.py's zero3 run (parity with one process, skipped
+    steps bit-identical in its checkpoints); the ZeRO-3 adapter on this tiny T5 is test_deepspeed.py's."""
     cfg = write_config(tmp_path / "cfg.yaml", tiny_t5_dir, tiny_data, tmp_path / "out",
                        train={"micro_batch_size": 2, "grad_accum_steps": 2, "save_every": 5},
                        backend={"deepspeed_config": f"configs/deepspeed/zero{stage}.json"})
