@@ -60,3 +60,20 @@ def spawn_ranks(target, world: int, *args, results: int = 1, timeout: float = 18
     for p in procs:
         p.join()
     return out
+
+
+def memory_status() -> dict[str, int]:
+    """This process's resident memory now (``VmRSS``) and its peak (``VmHWM``), in bytes (Linux)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM", "VmRSS")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def reset_peak_rss() -> None:
+    """Reset ``VmHWM`` to the current RSS, so the next peak is measured from here (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")

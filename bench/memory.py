@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.memory [--backends single ddp zero2 zero3 fsdp2]
                                                        [--d-model 512] [--layers 3] [--vocab 4096]
+                                                       [--size t5-small|t5-base] [--modes AdamW "FSAM (κ=0.1)"]
 
 Method. Every (backend, mode) runs in fresh processes (1 for 'single', 2 gloo ranks otherwise)
 on the same randomly initialised T5 and batches, for ``--warmup`` steps and then ``--steps``
@@ -38,7 +39,7 @@ import statistics
 
 import torch
 
-from .common import random_batch, set_rank_env, spawn_ranks, t5_model
+from .common import memory_status, random_batch, reset_peak_rss, set_rank_env, spawn_ranks, t5_model
 
 MODES = {
     "AdamW": None,
@@ -49,27 +50,19 @@ MODES = {
 BACKENDS = ["single", "ddp", "zero0", "zero1", "zero2", "zero3", "fsdp1", "fsdp2"]
 
 
-def _status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM", "VmRSS")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+SIZES = {"t5-small": dict(vocab=32128, d_model=512, layers=6, heads=8),    # ~60 M, random init
+         "t5-base": dict(vocab=32128, d_model=768, layers=12, heads=12)}   # ~220 M
 
 
 def _model(args):
+    if args.size:
+        return t5_model(**SIZES[args.size])
     return t5_model(vocab=args.vocab, d_model=args.d_model, layers=args.layers, heads=8)
 
 
 def _batch(args, step: int, rank: int) -> dict:
-    return random_batch(vocab=args.vocab, micro=args.micro, seed=1000 * step + rank)
+    return random_batch(vocab=SIZES[args.size]["vocab"] if args.size else args.vocab, micro=args.micro,
+                        seed=1000 * step + rank)
 
 
 def _backend(name: str, model, exclude, args):
@@ -146,13 +139,13 @@ def _worker(rank: int, world: int, port: int, name: str, mode: str, args, queue)
             if distributed:
                 dist.barrier()
             state_bytes.clear()
-            _reset_peak()
-            baseline = _status()["VmRSS"]
+            reset_peak_rss()
+            baseline = memory_status()["VmRSS"]
         start = time.perf_counter()
         train_step(backend, seq2seq_loss_sum, [_batch(args, step, rank)], step=step,
                    count_targets=count_target_tokens, fsam=fsam)
         times.append(time.perf_counter() - start)
-    peak = _status()["VmHWM"]
+    peak = memory_status()["VmHWM"]
     local = local[0]
     worst = max(state_bytes, key=lambda s: s["total"]) if state_bytes else \
         {"mask": 0, "restore": 0, "reuse": 0, "total": 0, "perturbed_entries": 0}
@@ -182,9 +175,12 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--size", choices=list(SIZES), help="a realistic T5 shape instead of --d-model/--layers/--vocab")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     args = parser.parse_args()
     n = sum(p.numel() for p in _model(args).parameters())
-    print(f"T5 d_model {args.d_model}, {args.layers}+{args.layers} layers, vocab {args.vocab}: {n / 1e6:.2f} M "
+    shape = SIZES[args.size] if args.size else dict(d_model=args.d_model, layers=args.layers, vocab=args.vocab)
+    print(f"T5 d_model {shape['d_model']}, {shape['layers']}+{shape['layers']} layers, vocab {shape['vocab']}: {n / 1e6:.2f} M "
           f"parameters (fp32); {args.world} gloo ranks (1 for single); micro-batch {args.micro}; peaks over "
           f"{args.steps} steps after {args.warmup} warm-up; rank 0 shown (rank 1 within a few MB)\n", flush=True)
     print("| backend | mode | local entries | peak RSS | Δ peak vs AdamW | FSAM state: mask | restore data "
@@ -193,7 +189,7 @@ def main() -> None:
     mb = 2 ** 20
     for name in args.backends:
         adamw_peak = None
-        for mode in MODES:
+        for mode in args.modes:
             ranks = run(name, mode, args)
             r = ranks[0]
             worst = max(x["state"]["total"] / (4 * x["local"]) for x in ranks)

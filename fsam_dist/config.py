@@ -258,6 +258,12 @@ class TrainConfig(_Section):
     """fp32, or bf16 (autocast on one process/DDP, bf16 weights with fp32 masters and fp32 gradient
     accumulation on DeepSpeed ZeRO-1/2/3, FSDP mixed precision; not at ZeRO-0). fp16 is refused:
     FSAM with DeepSpeed's fp16 loss scaler has not been verified on a GPU."""
+    gradient_checkpointing: bool = False
+    """Activation (gradient) checkpointing of every transformer block, on every backend (Hugging
+    Face's ``gradient_checkpointing_enable``, non-reentrant): activations are recomputed in the
+    backward, about one more forward per pass for much less activation memory. The recomputation
+    replays the forward's RNG state, so with fsam.same_dropout both FSAM passes still see the same
+    dropout masks. ``fsdp_activation_checkpointing: true`` in an accelerate FSDP yaml turns it on too."""
     output_dir: str = "runs/default"
     """Where metrics.jsonl, checkpoints/step-N/ and final/ are written."""
     log_every: int = Field(10, ge=1)

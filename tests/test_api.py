@@ -349,9 +349,12 @@ def test_rho_zero_is_the_plain_loop_bit_for_bit():
     assert not torch.equal(plain.fc1.weight, tiny_net(0).fc1.weight)   # it trained
 
 
-def test_state_dict_round_trip_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("merged", [False, True], ids=["own", "merged"])
+def test_state_dict_round_trip_resumes_exactly(tmp_path, merged):
     """4 steps, save model + optimizer + FSAM state, a fresh model from another seed loads them and
-    runs 4 more: equal to 8 uninterrupted steps (mask_interval 3: the mask of step 3 carries over)."""
+    runs 4 more: equal to 8 uninterrupted steps bit for bit (mask_interval 3: the mask of step 3
+    carries over). ``merged``: the FSAM state through FSAMOptimizer.merge_state_dicts (every rank's
+    state, loadable at any world size; the cutting itself: tests/test_elastic.py)."""
     import fsam_dist
 
     def make(seed):
@@ -367,9 +370,12 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path):
     run(model, sam, range(8))
     first, opt1, sam1 = make(0)
     run(first, sam1, range(4))
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict(), "sam": sam1.state_dict()}, tmp_path / "c.pt")
+    state = fsam_dist.FSAMOptimizer.merge_state_dicts([sam1.state_dict()]) if merged else sam1.state_dict()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict(), "sam": state}, tmp_path / "c.pt")
     saved = torch.load(tmp_path / "c.pt", weights_only=True)
     assert all(t.device.type == "cpu" for t in _tensors(saved["sam"]))
+    if merged:
+        assert saved["sam"]["rank"] is None and saved["sam"]["fsam"]["layout"] == "global"
     second, opt2, sam2 = make(1)
     second.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
@@ -378,39 +384,9 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path):
     run(second, sam2, range(4, 8))
     for name, p in model.named_parameters():
         assert torch.equal(dict(second.named_parameters())[name], p), name
-
-
-def test_merged_state_dicts_load_and_resume_exactly(tmp_path):
-    """FSAMOptimizer.merge_state_dicts (every rank's state, loadable at any world size; the cutting
-    itself: tests/test_elastic.py): 4 steps, merge, load into a fresh optimizer, 4 more = 8
-    uninterrupted steps bit for bit (the saved pieces fit this layout as they are)."""
-    import fsam_dist
-
-    def make(seed):
-        model = tiny_net(seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR)
-        return model, opt, fsam_dist.FSAMOptimizer(model, opt, **FSAM_KW)
-
-    def run(model, sam, steps):
-        for t in steps:
-            sam.step(lambda: _closure(model, sam, global_batch(t)))
-
-    model, _, sam = make(0)
-    run(model, sam, range(8))
-    first, opt1, sam1 = make(0)
-    run(first, sam1, range(4))
-    torch.save({"sam": fsam_dist.FSAMOptimizer.merge_state_dicts([sam1.state_dict()])}, tmp_path / "m.pt")
-    merged = torch.load(tmp_path / "m.pt", weights_only=True)["sam"]
-    assert merged["rank"] is None and merged["fsam"]["layout"] == "global"
-    second, opt2, sam2 = make(1)
-    second.load_state_dict(first.state_dict())
-    opt2.load_state_dict(opt1.state_dict())
-    sam2.load_state_dict(merged)
-    run(second, sam2, range(4, 8))
-    for name, p in model.named_parameters():
-        assert torch.equal(dict(second.named_parameters())[name], p), name
-    with pytest.raises(fsam_dist.FSAMUsageError, match="every rank"):
-        fsam_dist.FSAMOptimizer.merge_state_dicts([{**sam1.state_dict(), "rank": 1, "world_size": 2}])
+    if merged:
+        with pytest.raises(fsam_dist.FSAMUsageError, match="every rank"):
+            fsam_dist.FSAMOptimizer.merge_state_dicts([{**sam1.state_dict(), "rank": 1, "world_size": 2}])
 
 
 def _tensors(obj):

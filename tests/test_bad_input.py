@@ -17,7 +17,8 @@ from .launching import REPO, write_config
 TRAIN = str(REPO / "launch" / "train.py")
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "PMI_RANK", "PMI_SIZE",
                "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "ACCELERATE_USE_FSDP", "FSDP_VERSION",
-               "FSDP_SHARDING_STRATEGY", "FSDP_USE_ORIG_PARAMS", "FSDP_ACTIVATION_CHECKPOINTING")
+               "FSDP_SHARDING_STRATEGY", "FSDP_USE_ORIG_PARAMS", "FSDP_ACTIVATION_CHECKPOINTING",
+               "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD")
 
 
 def _main():
@@ -153,8 +154,9 @@ CASES = [
      {**TWO_RANKS, **FSDP1_ENV, "FSDP_USE_ORIG_PARAMS": "false"}, "fsdp_use_orig_params must be true"),
     ("fsdp-hybrid-sharding", [_set("backend.name", "fsdp")],
      {**TWO_RANKS, **FSDP1_ENV, "FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"}, "hybrid sharding"),
-    ("fsdp-activation-checkpointing", [_set("backend.name", "fsdp")],
-     {**TWO_RANKS, **FSDP1_ENV, "FSDP_ACTIVATION_CHECKPOINTING": "true"}, "fsdp_activation_checkpointing"),
+    ("fsdp-activation-checkpointing-offload", [_set("backend.name", "fsdp")],
+     {**TWO_RANKS, **FSDP1_ENV, "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD": "true"},
+     "fsdp_activation_checkpointing_offload"),
     ("fp16-on-cpu", [_set("train.precision", "fp16")], {}, "train.precision: fp16 is not supported"),
     ("fp16-with-deepspeed", [DS, _set("backend.deepspeed_config", "configs/deepspeed/zero2.json"),
                              _set("train.precision", "fp16")], TWO_RANKS, "train.precision: fp16 is not supported"),

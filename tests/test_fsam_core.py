@@ -423,8 +423,10 @@ def test_dense_excluded_parameters_touch_only_nonzero_gradients():
 
 @pytest.mark.parametrize("rho,per_entry", [(1e-4, 2.2), (0.05, 3.2)])
 def test_fsam_state_is_an_eighth_of_a_full_copy_at_keep_ratio_0_1(rho, per_entry):
-    """At κ = 0.1 the mask is bit-packed (n/8 bytes) and the restore data 2-3 bytes per perturbed
-    entry: together at most 1/8 of the 4 n bytes SAM's full copy of the weights takes.
+    """At κ = 0.1 the mask is held as blocks (a uint8 offset per kept entry and an int32 count per
+    256 entries: 0.1 n + n/64 bytes, below the n/8 of bits, and its positions need no scan) and
+    the restore data 2-3 bytes per perturbed entry: together at most 1/8 of the 4 n bytes SAM's
+    full copy of the weights takes.
 
     |e| / |w| ≈ ρ · 2 / (σ_w √N) decides between 2 bytes (low 16 bits) and 3 (low 24): here
     N = 2^18, σ_w = 0.05, so ρ = 1e-4 gives the ratio of ρ = 0.05 on T5-3B (~2^-14: 16 bits, a few
@@ -435,13 +437,13 @@ def test_fsam_state_is_an_eighth_of_a_full_copy_at_keep_ratio_0_1(rho, per_entry
     fsam = FSAM(rho=rho, keep_ratio=0.1)
     fsam.ascend(views, step=0)
     sizes = fsam.state_nbytes()
-    assert sizes["mask"] == n // 8
+    assert sizes["mask"] == round(0.1 * n) + 4 * (n // 256) < n // 8
     assert sizes["restore"] < per_entry * round(0.1 * n), sizes
     assert sizes["total"] <= 4 * n / 8, sizes
     fsam.descend(views)
     assert fsam.state_nbytes()["restore"] == 0
     # bool masks for callers, the compact ones inside
-    assert fsam.masks[("w", 0)].dtype == torch.bool and fsam.packed_masks[("w", 0)].kind == "bits"
+    assert fsam.masks[("w", 0)].dtype == torch.bool and fsam.packed_masks[("w", 0)].kind == "blocks"
 
 
 def test_state_dict_roundtrip():
@@ -673,3 +675,101 @@ def test_reuse_direction_config():
         validate(FSAMConfig, {"interval": 2, "reuse_direction": True, "reuse_alpha": -1}, prefix="fsam.")
     with pytest.raises(ValueError, match="reuse_direction needs interval"):
         FSAM(reuse_direction=True)
+
+
+# ---- positions held as blocks (issue 19): the in-memory mask can never go stale ---------------------
+
+
+def test_blocks_mask_matches_bits_and_checkpoints_as_bits():
+    """A 'blocks' mask holds the same entries as the bool mask it came from, chunk by chunk and as
+    a whole (partial last blocks and chunks included), is smaller than bits below density 7/64,
+    and is checkpointed exactly as :meth:`Mask.from_bits` would store it (format unchanged)."""
+    from fsam_dist.core.masks import BLOCK, with_positions
+
+    g = torch.Generator().manual_seed(7)
+    for n in (SMALL + 3, 1000 * BLOCK + 17, CHUNK + 13, 2 * CHUNK + BLOCK):
+        for density in (0.02, 0.1, 0.3):
+            b = torch.rand(n, generator=g) < density
+            b[-1] = True   # the last, partial block holds an entry
+            m = Mask.from_bool(b)
+            blocks = m.as_blocks()
+            assert blocks.kind == "blocks" and blocks.count == m.count == int(b.sum())
+            assert torch.equal(blocks.to_bool(), b)
+            assert blocks.nbytes == m.count + 4 * -(-n // BLOCK)
+            for (s, e, sel), (s2, e2, sel2) in zip(blocks.by_chunk(), m.by_chunk()):
+                assert (s, e) == (s2, e2)
+                want = torch.nonzero(b[s:e]).reshape(-1) + s
+                assert torch.equal(sel if sel is not None else torch.zeros(0, dtype=torch.int64), want)
+                assert torch.equal(sel2 if sel2 is not None else torch.zeros(0, dtype=torch.int64), want)
+            other = Mask.from_bool(torch.rand(n, generator=g) < 0.2)
+            assert blocks.intersection(other) == m.intersection(other)
+            st, st_old = blocks.state(), m.state()
+            assert st["kind"] == st_old["kind"] and st["count"] == st_old["count"]
+            assert torch.equal(st["data"], st_old["data"])
+            assert torch.equal(Mask.from_state(st).to_bool(), b)
+            chosen = with_positions({"x": m})["x"]
+            assert chosen.kind == ("blocks" if m.kind == "bits" and blocks.nbytes <= m.nbytes else m.kind)
+    # FSAM's masks together: a dense view gets blocks (larger than its bits) when a sparse one
+    # (indices) leaves room within 1/8 byte per entry; the total never exceeds that
+    n = 4 * CHUNK
+    dense, sparse = torch.rand(n, generator=g) < 0.19, torch.rand(n, generator=g) < 0.01
+    masks = with_positions({"dense": Mask.from_bool(dense), "sparse": Mask.from_bool(sparse)})
+    assert (masks["dense"].kind, masks["sparse"].kind) == ("blocks", "indices")
+    assert masks["dense"].nbytes > n // 8 and sum(m.nbytes for m in masks.values()) <= 2 * n // 8
+    masks = with_positions({"dense": Mask.from_bool(dense), "other": Mask.from_bool(dense.roll(1))})
+    assert {m.kind for m in masks.values()} == {"bits"}   # 0.19 everywhere: blocks would not fit
+
+
+def _reference_step(views, bool_masks, rho):
+    """perturb() on copies of the views with explicit bool masks (bit-packed, decoded by nonzero):
+    the weights FSAM's perturbation must produce."""
+    copies = [ShardView(v.name, v.weights.clone(), v.grad.clone(), v.position, v.eligible) for v in views]
+    perturb(copies, bool_masks, rho=rho, eps=1e-12, norm="full", excluded_mode="dense", adaptive=False)
+    return [c.weights for c in copies]
+
+
+@pytest.mark.parametrize("interval,reuse", [(1, False), (2, True)])
+def test_positions_follow_every_refresh_resume_and_skip(interval, reuse):
+    """Across refreshes, a resume from :meth:`FSAM.state_dict` between refreshes, a skipped step
+    (no ascend) and LookSAM's plain steps, every perturbation touches exactly the entries of the
+    current global top-k of g² at the last refresh, bit for bit as the reference with explicit
+    bool masks, and every restore is bit-exact: a stale position cache would move other entries."""
+    n = [CHUNK + 4 * SMALL + 5, 3 * SMALL, 2 * SMALL + 1]   # a 2-chunk view, two 1-chunk views
+    g = torch.Generator().manual_seed(11)
+    weights = [torch.randn(k, generator=g) * 0.05 for k in n]
+    rho, keep = 0.05, 0.1
+    fsam = FSAM(rho=rho, keep_ratio=keep, mask_interval=3, interval=interval, reuse_direction=reuse)
+    expected_masks = None
+    checked = 0
+    for step in range(10):
+        grads = [torch.randn(k, generator=g) * (1 + step) for k in n]
+        views = _views(grads, weights, [True, True, False])
+        if step == 5:   # skipped step: pass 1 non-finite, no ascend at all
+            continue
+        if step == 7:   # resume between refreshes: a new FSAM from the checkpointed state
+            buffer = io.BytesIO()
+            torch.save(fsam.state_dict(), buffer)
+            buffer.seek(0)
+            fsam = FSAM(rho=rho, keep_ratio=keep, mask_interval=3, interval=interval, reuse_direction=reuse)
+            fsam.load_state_dict(torch.load(buffer, weights_only=True))
+        if not fsam.perturbs_at(step):
+            fsam.reuse(views)
+            continue
+        if fsam.refresh_due(step):
+            eligible = [v for v in views if v.eligible]
+            top = global_topk_mask([v.grad.square() for v in eligible], [v.position for v in eligible],
+                                   round(keep * sum(v.numel for v in eligible)))
+            expected_masks = {v.key: t for v, t in zip(eligible, top)}
+        want = _reference_step(views, expected_masks, rho)
+        before = [w.clone() for w in weights]
+        fsam.ascend(views, step)
+        assert all(m.kind == "blocks" for m in fsam.packed_masks.values())
+        for w, r in zip(weights, want):
+            assert torch.equal(w.view(torch.int32), r.view(torch.int32)), f"step {step}: not the reference's w + e"
+        if reuse:
+            fsam.look(views)
+        fsam.descend(views)
+        for w, b in zip(weights, before):
+            assert torch.equal(w.view(torch.int32), b.view(torch.int32)), f"step {step}: restore not bit-exact"
+        checked += 1
+    assert checked >= 3

@@ -398,15 +398,19 @@ def test_settings_from_accelerate_env():
         "SHARD_GRAD_OP"
     assert fsdp_settings_from_env(dict(base, FSDP_AUTO_WRAP_POLICY="NO_WRAP")).wrap_classes == ()
     assert "state_dict_type" not in s.backend_kwargs()
+    assert fsdp_settings_from_env(dict(base, FSDP_ACTIVATION_CHECKPOINTING="true")).activation_checkpointing
+    assert not fsdp_settings_from_env(base).activation_checkpointing
+    for value in ("true", "false"):   # accepted: the CLI always loads that way under FSDP (train/loading.py)
+        assert fsdp_settings_from_env(dict(base, FSDP_CPU_RAM_EFFICIENT_LOADING=value)) == fsdp_settings_from_env(base)
     bad = [
         (dict(FSDP_VERSION="1", FSDP_USE_ORIG_PARAMS="false"), "fsdp_use_orig_params"),
         (dict(FSDP_VERSION="1", FSDP_SHARDING_STRATEGY="HYBRID_SHARD"), "fsdp_sharding_strategy"),
         (dict(FSDP_VERSION="2", FSDP_RESHARD_AFTER_FORWARD="shard_grad_op"), "fsdp_reshard_after_forward"),
-        (dict(FSDP_ACTIVATION_CHECKPOINTING="true"), "fsdp_activation_checkpointing"),
+        (dict(FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD="true"), "fsdp_activation_checkpointing_offload"),
         (dict(FSDP_AUTO_WRAP_POLICY="SIZE_BASED_WRAP"), "fsdp_auto_wrap_policy"),
         (dict(ACCELERATE_MIXED_PRECISION="fp16"), "mixed_precision"),
         (dict(FSDP_STATE_DICT_TYPE="LOCAL_STATE_DICT"), "fsdp_state_dict_type"),
-        (dict(FSDP_CPU_RAM_EFFICIENT_LOADING="true"), "fsdp_cpu_ram_efficient_loading"),
+        (dict(FSDP_CPU_RAM_EFFICIENT_LOADING="maybe"), "fsdp_cpu_ram_efficient_loading"),
         (dict(FSDP_VERSION="3"), "fsdp_version"),
     ]
     for env, key in bad:

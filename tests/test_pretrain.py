@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from fsam_dist.seq2seq.pretrain import INFO_FILE, pretrain, random_span_mask, span_corruption, text_infilling
+from fsam_dist.seq2seq.pretrain import (INFO_FILE, Denoiser, prefix_length, prefix_mask, pretrain, random_span_mask,
+                                        span_corruption, text_infilling)
 
 TEXTS = [f"{w} is a small {c} word" for w in ("cat", "dog", "bird", "fish", "frog", "mouse", "horse", "cow")
          for c in ("red", "green", "blue", "yellow")] * 4
@@ -32,6 +33,39 @@ def test_text_infilling_on_a_hand_made_example():
     source, target = text_infilling(ids, mask, mask_id=4, bos=0, eos=2)
     assert source == [0, 10, 4, 12, 4, 2]
     assert target == [0, 10, 11, 12, 13, 14, 2]
+
+
+class WordTokenizer:
+    """A stand-in tokenizer: one id per whitespace-separated word (ids from 10), sentinels 90…, EOS 1."""
+
+    eos_token_id = 1
+
+    def __init__(self):
+        self.ids = {}
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [self.ids.setdefault(w, 10 + len(self.ids)) for w in text.split()]}
+
+    def get_vocab(self):
+        return {f"<extra_id_{i}>": 90 + i for i in range(3)}
+
+    def convert_tokens_to_ids(self, tokens):
+        return [self.get_vocab()[t] for t in tokens]
+
+
+def test_prefix_lm_hides_a_dictionary_lines_pronunciation():
+    tok = WordTokenizer()
+    line = "c a t : K AE1 T"
+    ids = tok(line)["input_ids"]                                   # c a t : K AE1 T -> 10 … 16
+    assert prefix_length(line, ids, tok) == 4                       # "c a t :" is the prefix
+    assert prefix_length("no separator here", tok("no separator here")["input_ids"], tok) == 0
+    assert prefix_mask(7, 4, np.random.default_rng(0)).tolist() == [False] * 4 + [True] * 3
+    denoise = Denoiser("t5", tok, seed=0, prefix_lm=1.0)
+    assert denoise(ids, cut=4) == {"input_ids": [10, 11, 12, 13, 90, 1], "labels": [90, 14, 15, 16, 1]}
+    random_cut = prefix_mask(7, 0, np.random.default_rng(0))       # no cut given: a random suffix, never all
+    assert 1 <= random_cut.sum() <= 6 and random_cut[-1] and random_cut.tolist() == sorted(random_cut.tolist())
+    plain = Denoiser("t5", tok, seed=0, prefix_lm=0.0)(ids, cut=4)  # span corruption: 15 % of 7 tokens, one span
+    assert plain["input_ids"].count(90) == 1 and len(plain["labels"]) == 3
 
 
 def test_random_span_mask_counts_and_is_seeded():

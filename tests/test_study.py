@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fsam_dist.study.harness import TASKS, main, markdown, score_run
+from fsam_dist.study.harness import TASKS, Plan, main, markdown, run_config, score_run
 from fsam_dist.study.stats import paired, summary
 
 
@@ -29,6 +29,17 @@ def test_paired_difference_on_hand_computed_numbers():
     assert d["p_value"] == pytest.approx(0.07418, abs=5e-5)           # t = 2√3 on 2 degrees of freedom
     with pytest.raises(ValueError, match="same number"):
         paired([1, 2], [1, 2, 3])
+
+
+def test_rho_override_reaches_every_perturbing_row(tmp_path):
+    def rho(plan_rho, method):
+        plan = Plan(model="m", out=tmp_path, tasks=[TASKS["g2p"]], methods=[method], seeds=[0], sizes={"g2p": (8,)},
+                    steps={("g2p", 8): 4}, eval_every={("g2p", 8): 2}, lr=1e-3, batch_size=4, mask_interval=2,
+                    workers=1, rho=plan_rho)
+        return run_config(plan, TASKS["g2p"], 8, method, 0, tmp_path / "eval.jsonl", tmp_path / "run")["fsam"].get("rho")
+
+    assert [rho(None, m) for m in ("adamw", "sam", "fsam", "afsam")] == [None, 0.05, 0.05, 0.5]
+    assert [rho(0.2, m) for m in ("adamw", "sam", "fsam", "fsam-k4", "afsam")] == [None, 0.2, 0.2, 0.2, 2.0]
 
 
 def _predictions(run_dir, step, rows):

@@ -43,7 +43,7 @@ import torch
 
 from .comm import global_sums
 from .looksam import add_sharpness_component, sharpness_component
-from .masks import Mask, pack_bits
+from .masks import Mask, with_positions
 from .norms import grad_norm, sumsq
 from .reshard import GLOBAL, place_masks, place_tensors
 from .restore import SMALL, Saved, restored, save
@@ -63,12 +63,12 @@ def count_nonfinite(tensors: list[torch.Tensor]) -> int:
 
     One min/max pass per tensor (NaN propagates through both, an inf is one of them): ~10x faster
     on CPU than ``isfinite(t).all()``, which writes a bool per entry."""
-    bad = 0
+    flags = []
     for t in tensors:
         if t.numel():
             low, high = torch.aminmax(t.detach())
-            bad += int(not bool(torch.isfinite(low) & torch.isfinite(high)))
-    return bad
+            flags.append(~(torch.isfinite(low) & torch.isfinite(high)))
+    return int(torch.stack(flags).sum()) if flags else 0   # one host sync, not one per tensor
 
 
 def _direction(grad: torch.Tensor, weights: torch.Tensor, adaptive: bool) -> torch.Tensor:
@@ -113,7 +113,7 @@ def compute_mask(views: list[ShardView], scores: list[torch.Tensor] | None, keep
     masks, k, n_eligible = topk_masks(sources, [v.position for v in eligible],
                                       lambda total: round(keep_ratio * total), group, square=square)
     density = k / n_eligible if n_eligible else 0.0
-    return {v.key: m for v, m in zip(eligible, masks)}, density
+    return with_positions({v.key: m for v, m in zip(eligible, masks)}), density
 
 
 def _as_mask(mask, numel: int) -> Mask:
@@ -127,54 +127,57 @@ def _as_mask(mask, numel: int) -> Mask:
     return Mask.from_bool(mask)
 
 
-def _nonzero_mask(grad: torch.Tensor) -> Mask:
-    """The entries where ``grad != 0``, as a compact :class:`Mask` (one chunked pass)."""
-    n = grad.numel()
-    packed = torch.empty(-(-n // 8), dtype=torch.uint8, device=grad.device)
-    count = 0
-    for start, end in chunks(n):
-        flags = grad[start:end] != 0
-        count += int(flags.sum())
-        packed[start // 8:-(-end // 8)] = pack_bits(flags)
-    return Mask.from_bits(packed, n, count)
+def _sums_and_mask(view: ShardView, mask: Mask | None, find_nonzero: bool, adaptive: bool,
+                   parts: tuple[list, list, list]) -> Mask | None:
+    """One fused pass over a view: append its per-chunk fp32 partials of [Σ normed² over every
+    entry, Σ normed² over the mask (eligible views), Σ direction² over the perturbed entries] to
+    ``parts`` (normed: g, or |w| ⊙ g for ASAM; direction: g, or |w|² ⊙ g). Each chunk's gradient
+    is read once from memory; the masked entries are gathered from it while it is in cache.
 
-
-def _view_sums(view: ShardView, mask: Mask | None, adaptive: bool) -> torch.Tensor:
-    """Local [Σ normed², Σ normed² over the mask (eligible views), Σ direction² over the perturbed
-    entries] of one view, in fp64 (normed: g, or |w| ⊙ g for ASAM; direction: g, or |w|² ⊙ g)."""
-    out = torch.zeros(3, dtype=torch.float64)
-    dense_pass = mask is None or mask.kind == "bits" or (view.eligible and mask.kind in ("indices", "none"))
-    if dense_pass:
-        # Every entry once, in chunks; a bit-packed mask is applied densely (no index lists).
-        for start, end in chunks(view.numel):
-            g, w = view.grad[start:end], view.weights[start:end]
-            sq = _normed(g, w, adaptive).to(torch.float64).square_()
-            out[0] += sq.sum().cpu()
-            if mask is None or mask.kind != "bits":
-                continue
-            inside_flags = mask.bool_range(start, end).to(torch.float64)
-            inside = torch.dot(sq, inside_flags).cpu()
-            if view.eligible:
-                out[1] += inside
+    ``find_nonzero``: an excluded view perturbed densely where g ≠ 0 -- its mask is found in the
+    same pass and returned. No host sync except that ``nonzero``."""
+    full_parts, masked_parts, direction_parts = parts
+    found = [] if find_nonzero else None
+    selections = mask.by_chunk() if mask is not None else ((s, e, None) for s, e in chunks(view.numel))
+    for start, end, sel in selections:
+        g = view.grad[start:end]
+        w = view.weights[start:end] if adaptive else None
+        normed = _normed(g, w, adaptive)
+        full = torch.dot(normed, normed)
+        full_parts.append(full)
+        if find_nonzero:   # one count per chunk; positions only for a chunk that is partly zero
+            flags = g != 0
+            nonzero = int(flags.sum())
+            if nonzero == end - start:
+                sel = slice(start, end)
+            elif nonzero:
+                sel = torch.nonzero(flags).reshape(-1).add_(start)
+            found.append(sel)
+        if sel is None:
+            continue
+        if isinstance(sel, slice):
+            inside, picked_g, picked_w = full, g, w
+        else:
+            # gathered from the chunk just read (in cache)
             if adaptive:
-                out[2] += torch.dot(_direction(g, w, adaptive).to(torch.float64).square_(), inside_flags).cpu()
+                picked_g, picked_w = view.grad.index_select(0, sel), view.weights.index_select(0, sel)
+                picked = _normed(picked_g, picked_w, adaptive)
             else:
-                out[2] += inside
-        if mask is None or mask.kind == "bits":
-            return out
-    # The mask's entries (all of them, or few): over its selections. Where the mask holds every
-    # entry with a non-zero gradient (all, or an excluded view's g != 0), they also give the full sum.
-    covers_nonzero = not dense_pass
-    for sel in mask.selections():
-        g = view.grad[sel]
-        w = view.weights[sel] if adaptive else None
-        normed_sumsq = sumsq(_normed(g, w, adaptive)).cpu()
-        if covers_nonzero:
-            out[0] += normed_sumsq
+                picked = view.grad.index_select(0, sel).to(torch.float32)
+            inside = torch.dot(picked, picked)
         if view.eligible:
-            out[1] += normed_sumsq
-        out[2] += sumsq(_direction(g, w, adaptive)).cpu() if adaptive else normed_sumsq
-    return out
+            masked_parts.append(inside)
+        if adaptive:
+            d = _direction(picked_g, picked_w, adaptive)
+            direction_parts.append(torch.dot(d, d))
+        else:
+            direction_parts.append(inside)
+    return Mask.from_positions(found, view.numel, view.grad.device) if find_nonzero else mask
+
+
+def _total(parts: list) -> torch.Tensor:
+    """Σ of fp32 partials in fp64 (0 when there are none)."""
+    return torch.stack(parts).to(torch.float64).sum() if parts else torch.zeros((), dtype=torch.float64)
 
 
 @dataclass
@@ -210,20 +213,23 @@ def perturb(views: list[ShardView], masks: dict, *, rho: float, eps: float, norm
     Works a chunk at a time: no temporary larger than :data:`~fsam_dist.core.views.CHUNK` entries.
     """
     plan = []   # (view, mask of the entries perturbed)
-    sums = torch.zeros(3, dtype=torch.float64)   # ‖normed‖² full, over the mask, ‖direction‖² perturbed
+    parts = ([], [], [])   # per-chunk fp32 partials: ‖normed‖² full, over the mask, ‖direction‖² perturbed
     for view in views:
+        mask, find = None, False
         if view.eligible:
             mask = _as_mask(masks[view.key], view.numel)
         elif excluded_mode == "dense":
             # Dense, but only where g != 0 (e is 0 elsewhere): an embedding's rows not in the
             # batch are neither touched nor saved. Small parameters are not worth the scan.
-            mask = Mask.full(view.numel, view.weights.device) if view.numel <= SMALL else _nonzero_mask(view.grad)
-        else:
-            mask = None
-        sums += _view_sums(view, mask, adaptive)
+            if view.numel <= SMALL:
+                mask = Mask.full(view.numel, view.weights.device)
+            else:
+                find = True
+        mask = _sums_and_mask(view, mask, find, adaptive, parts)
         if mask is not None and mask.kind != "none":
             plan.append((view, mask))
-    full_sumsq, masked_sumsq, perturbed_sumsq = sums
+    device = views[0].grad.device if views else torch.device("cpu")
+    full_sumsq, masked_sumsq, perturbed_sumsq = (_total(p).to(device) for p in parts)
     sums = global_sums([full_sumsq, masked_sumsq, perturbed_sumsq, *extra_sums], group).tolist()
     full, masked, perturbed = sums[:3]
     n = math.sqrt(full if norm == "full" else masked)
@@ -232,19 +238,21 @@ def perturb(views: list[ShardView], masks: dict, *, rho: float, eps: float, norm
                           extra=sums[3:])
     with torch.no_grad():
         for view, mask in plan:
-            w = view.weights
+            w, grad = view.weights, view.grad
             saved = []
-            for sel in mask.selections():
+            for _, _, sel in mask.by_chunk():
+                if sel is None:
+                    continue
                 if isinstance(sel, slice):
-                    e = (_direction(view.grad[sel], w[sel], adaptive) * scale).to(w.dtype)
+                    e = (_direction(grad[sel], w[sel], adaptive) * scale).to(w.dtype)
                     original = w[sel].clone()
                     w[sel].add_(e)
                     new = w[sel]
                 else:
-                    original = w[sel]
-                    e = (_direction(view.grad[sel], original, adaptive) * scale).to(w.dtype)
+                    original = w.index_select(0, sel)
+                    e = (_direction(grad.index_select(0, sel), original, adaptive) * scale).to(w.dtype)
                     new = original + e
-                    w[sel] = new
+                    w.index_copy_(0, sel, new)
                 saved.append(save(original, new))
             result.saved[view.key] = (mask, saved)
             result.entries += mask.count
@@ -258,8 +266,18 @@ def restore(views: list[ShardView], perturbation: Perturbation) -> None:
         for key, (mask, saved) in perturbation.saved.items():
             w = by_key[key].weights
             n = 0
-            for sel, chunk in zip(mask.selections(), saved):
-                w[sel] = restored(w[sel], chunk)
+            for _, _, sel in mask.by_chunk():
+                if sel is None:
+                    continue
+                if n >= len(saved):
+                    raise RuntimeError(f"restore: {key} has more chunks of perturbed entries than the {len(saved)} saved")
+                chunk = saved[n]
+                if isinstance(sel, slice):
+                    w[sel] = restored(w[sel], chunk)
+                elif chunk.values is not None:   # kept whole: nothing to read back
+                    w.index_copy_(0, sel, chunk.values)
+                else:
+                    w.index_copy_(0, sel, restored(w.index_select(0, sel), chunk))
                 n += 1
             if n != len(saved):
                 raise RuntimeError(f"restore: {key} has {n} chunks of perturbed entries, {len(saved)} were saved")
@@ -483,7 +501,7 @@ class FSAM:
             return
         self._unplaced = None
         self._masks = None if state["masks"] is None else \
-            {(n, p): Mask.from_state(m) for n, p, m in state["masks"]}
+            with_positions({(n, p): Mask.from_state(m) for n, p, m in state["masks"]})
         reuse = state.get("reuse")
         self._component = None if reuse is None else {(n, p): t for n, p, t in reuse["component"]}
         self._component_sumsq = 0.0 if reuse is None else float(reuse["sumsq"])
@@ -495,7 +513,7 @@ class FSAM:
         if self._unplaced is None:
             return
         state, self._unplaced = self._unplaced, None
-        self._masks = None if state["masks"] is None else place_masks(state["masks"], views)
+        self._masks = None if state["masks"] is None else with_positions(place_masks(state["masks"], views))
         reuse = state.get("reuse")
         if reuse is not None:
             self._component = place_tensors(reuse["component"], views)

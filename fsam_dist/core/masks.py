@@ -3,11 +3,18 @@
 A mask over ``n`` local entries with ``c`` of them set costs
 
 * ``'bits'``: ``ceil(n / 8)`` bytes (one bit per entry), or
-* ``'indices'``: ``4 c`` bytes (sorted int32 positions inside the view),
+* ``'indices'``: ``4 c`` bytes (sorted int32 positions inside the view), or
+* ``'blocks'``: ``c + 4 ceil(n / 256)`` bytes: each set entry's offset inside its block of
+  :data:`BLOCK` entries (uint8) and each block's count (int32),
 
 so indices win below a density of 1/32 and bits above it (FSAM's default κ = 0.1 → bits,
 1/8 byte per entry instead of the 1 byte of a bool tensor). All-set and all-clear masks store
 nothing (``'all'``, ``'none'``): SAM (κ = 1) and excluded parameters perturbed densely keep no mask.
+Blocks are smaller than bits below a density of 7/64 (≈ 0.109); unlike bits they give the
+positions of a chunk's set entries without a scan (one ``repeat_interleave`` and an add, no
+``nonzero``), so :func:`with_positions` turns FSAM's bit-packed masks into blocks once per
+refresh where the rank's masks stay within 1/8 byte per entry (at κ = 0.1 they do: Σ c + N/64 ≤ N/8).
+A checkpoint stores blocks as bits or indices (:meth:`Mask.state`), so the format is unchanged.
 
 Everything here works chunk by chunk (:data:`~fsam_dist.core.views.CHUNK` entries), so unpacking
 never materialises a full-size bool or int64 tensor: :meth:`Mask.selections` yields, per chunk, either a slice (every
@@ -20,9 +27,11 @@ from typing import Iterator
 
 import torch
 
-from .views import chunks
+from .views import CHUNK, chunks
 
-KINDS = ("none", "all", "bits", "indices")
+KINDS = ("none", "all", "bits", "indices", "blocks")
+BLOCK = 256
+"""Entries per block of a ``'blocks'`` mask (offsets fit a uint8; :data:`CHUNK` is a multiple)."""
 
 
 def _i64(value: int) -> int:
@@ -88,14 +97,21 @@ class Mask:
         data: see ``kind``; None for ``'none'`` and ``'all'``.
     """
 
-    __slots__ = ("numel", "count", "kind", "data", "device")
+    __slots__ = ("numel", "count", "kind", "data", "device", "table", "bounds")
 
     def __init__(self, numel: int, count: int, kind: str, data: torch.Tensor | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, table: torch.Tensor | None = None,
+                 bounds: list[int] | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"Mask kind must be one of {KINDS}, got {kind!r}")
         self.numel, self.count, self.kind, self.data = int(numel), int(count), kind, data
         self.device = data.device if data is not None else torch.device(device or "cpu")
+        # 'blocks': int32 count per block, and (host ints) where each chunk's offsets start in
+        # ``data`` (len = chunks + 1), so no chunk needs a host sync to find its entries;
+        # 'indices': the same bounds, found on first use.
+        self.table, self.bounds = table, bounds
+        if kind == "blocks" and (table is None or bounds is None):
+            raise ValueError("Mask kind 'blocks' needs its block table and chunk bounds")
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -136,12 +152,104 @@ class Mask:
             return cls(numel, count, "indices", torch.cat(parts))
         return cls(numel, count, "bits", packed)
 
+    @classmethod
+    def from_positions(cls, per_chunk: list, numel: int, device=None) -> "Mask":
+        """From the sorted int64 positions of the set entries of each chunk of ``range(numel)``
+        (one item per chunk of :func:`~fsam_dist.core.views.chunks`, in order: a tensor, None for
+        none, or a ``slice`` for all of the chunk), in the smallest of the representations
+        (indices, blocks, bits; nothing for none or all)."""
+        counts = [0 if p is None else p.stop - p.start if isinstance(p, slice) else int(p.numel()) for p in per_chunk]
+        count = sum(counts)
+        if count == 0:
+            return cls.empty(numel, device)
+        if count == numel:
+            return cls.full(numel, device)
+        device = next(p.device for p in per_chunk if isinstance(p, torch.Tensor))
+        per_chunk = [torch.zeros(0, dtype=torch.int64, device=device) if p is None else
+                     torch.arange(p.start, p.stop, device=device) if isinstance(p, slice) else p for p in per_chunk]
+        n_bits, n_blocks = -(-numel // 8), count + 4 * -(-numel // BLOCK)
+        if 4 * count < n_bits and numel < 2 ** 31:
+            return cls(numel, count, "indices", torch.cat([p.to(torch.int32) for p in per_chunk]))
+        if n_blocks <= n_bits:
+            return cls._blocks(per_chunk, numel)
+        packed = torch.empty(n_bits, dtype=torch.uint8, device=device)
+        for (start, end), pos in zip(chunks(numel), per_chunk):
+            flags = torch.zeros(end - start, dtype=torch.bool, device=device)
+            flags[pos - start] = True
+            packed[start // 8:-(-end // 8)] = pack_bits(flags)
+        return cls(numel, count, "bits", packed)
+
+    @classmethod
+    def _blocks(cls, per_chunk: list[torch.Tensor], numel: int) -> "Mask":
+        device = per_chunk[0].device
+        offsets, tables, bounds = [], [], [0]
+        for (start, end), pos in zip(chunks(numel), per_chunk):
+            offsets.append(pos.bitwise_and(BLOCK - 1).to(torch.uint8))
+            tables.append(torch.bincount(pos.sub(start).bitwise_right_shift_(8),
+                                         minlength=-(-(end - start) // BLOCK)).to(torch.int32))
+            bounds.append(bounds[-1] + int(pos.numel()))
+        return cls(numel, bounds[-1], "blocks", torch.cat(offsets), device, torch.cat(tables), bounds)
+
+    def positions_by_chunk(self) -> list[torch.Tensor]:
+        """The sorted int64 positions of the set entries, one tensor per chunk of ``range(numel)``
+        (for building another representation; not the hot path)."""
+        out = []
+        for start, end, sel in self.by_chunk():
+            if sel is None:
+                out.append(torch.zeros(0, dtype=torch.int64, device=self.device))
+            elif isinstance(sel, slice):
+                out.append(torch.arange(start, end, device=self.device))
+            else:
+                out.append(sel)
+        return out
+
+    def as_blocks(self) -> "Mask":
+        """This mask as ``'blocks'`` (itself if it is one, or if it is none/all)."""
+        if self.kind in ("blocks", "none", "all"):
+            return self
+        return Mask._blocks(self.positions_by_chunk(), self.numel)
+
     # ---- reading -----------------------------------------------------------------------------
 
     @property
     def nbytes(self) -> int:
         """Bytes of the stored representation."""
-        return 0 if self.data is None else self.data.numel() * self.data.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.data, self.table) if t is not None)
+
+    def by_chunk(self) -> Iterator[tuple[int, int, slice | torch.Tensor | None]]:
+        """``(start, end, sel)`` for every chunk of ``range(numel)``: ``sel`` is None (no entry of
+        the chunk is set), a ``slice`` (all are) or the sorted int64 positions (in the view) of
+        the set ones. For ``'blocks'`` and ``'indices'`` no host sync: the chunk bounds are host
+        ints (found once per mask for indices); for ``'bits'`` one ``nonzero`` per chunk."""
+        if self.kind == "indices" and self.bounds is None:   # found once per mask (one host sync)
+            edges = torch.tensor([s for s, _ in chunks(self.numel)] + [self.numel], dtype=torch.int32,
+                                 device=self.device)
+            self.bounds = torch.searchsorted(self.data, edges).tolist()
+        bounds = self.bounds
+        for c, (start, end) in enumerate(chunks(self.numel)):
+            if self.kind == "none":
+                yield start, end, None
+            elif self.kind == "all":
+                yield start, end, slice(start, end)
+            elif self.kind == "indices":
+                lo, hi = bounds[c], bounds[c + 1]
+                yield start, end, (self.data[lo:hi].to(torch.int64) if hi > lo else None)
+            elif self.kind == "blocks":
+                yield start, end, self._block_positions(c, start, end)
+            else:
+                flags = unpack_bits(self.data[start // 8:-(-end // 8)], end - start)
+                idx = torch.nonzero(flags).reshape(-1)
+                yield start, end, (idx.add_(start) if idx.numel() else None)
+
+    def _block_positions(self, c: int, start: int, end: int) -> torch.Tensor | None:
+        """'blocks': the positions of chunk ``c`` (entries ``[start, end)``), or None if it has none."""
+        lo, hi = self.bounds[c], self.bounds[c + 1]
+        if hi == lo:
+            return None
+        first = start // BLOCK
+        bases = torch.arange(start, end, BLOCK, dtype=torch.int64, device=self.device)
+        pos = torch.repeat_interleave(bases, self.table[first:first + bases.numel()], output_size=hi - lo)
+        return pos.add_(self.data[lo:hi])
 
     def selections(self, as_indices: bool = False) -> Iterator[slice | torch.Tensor]:
         """The set entries, chunk by chunk, in increasing order: a ``slice`` for a dense range
@@ -151,6 +259,11 @@ class Mask:
         if self.kind == "indices":
             for start, end in chunks(self.count):
                 yield self.data[start:end].to(torch.int64)
+            return
+        if self.kind == "blocks":
+            for _, _, sel in self.by_chunk():
+                if sel is not None:
+                    yield sel
             return
         for start, end in chunks(self.numel):
             if self.kind == "all":
@@ -171,6 +284,14 @@ class Mask:
                 raise ValueError("Mask.bool_range: start must be a multiple of 8")
             return unpack_bits(self.data[start // 8:-(-end // 8)], end - start)
         out = torch.zeros(end - start, dtype=torch.bool, device=device)
+        if self.kind == "blocks":   # only the chunks that overlap [start, end)
+            for c in range(start // CHUNK, -(-end // CHUNK)):
+                c_start, c_end = c * CHUNK, min(self.numel, (c + 1) * CHUNK)
+                sel = self._block_positions(c, c_start, c_end)
+                if sel is not None:
+                    sel = sel[(sel >= start) & (sel < end)]
+                    out[sel - start] = True
+            return out
         lo, hi = (int(i) for i in torch.searchsorted(self.data, torch.tensor([start, end], dtype=torch.int32,
                                                                                 device=device)))
         out[self.data[lo:hi].to(torch.int64) - start] = True
@@ -198,7 +319,14 @@ class Mask:
     # ---- checkpoints -------------------------------------------------------------------------
 
     def state(self) -> dict:
-        """Plain data (``torch.load(weights_only=True)`` reads it back)."""
+        """Plain data (``torch.load(weights_only=True)`` reads it back). A ``'blocks'`` mask is
+        stored as :meth:`from_bits` would store it (bits or indices): the checkpoint format does
+        not depend on the in-memory representation."""
+        if self.kind == "blocks":
+            packed = torch.empty(-(-self.numel // 8), dtype=torch.uint8, device=self.device)
+            for start, end in chunks(self.numel):
+                packed[start // 8:-(-end // 8)] = pack_bits(self.bool_range(start, end))
+            return Mask.from_bits(packed, self.numel, self.count).state()
         return {"kind": self.kind, "numel": self.numel, "count": self.count, "data": self.data}
 
     @classmethod
@@ -208,3 +336,17 @@ class Mask:
 
     def __repr__(self) -> str:
         return f"Mask(numel={self.numel}, count={self.count}, kind={self.kind!r}, nbytes={self.nbytes})"
+
+
+def with_positions(masks: dict) -> dict:
+    """FSAM's masks with the bit-packed ones turned into ``'blocks'`` (positions without a scan),
+    within the memory of a bit-packed mask over every entry (``Σ ceil(n/8)``, 1/8 byte per
+    eligible entry): all of them when the total stays within it -- always when this rank keeps
+    at most 7/64 of its eligible entries (κ = 0.1: Σ c + N/64 ≤ N/8; the sparse views stay
+    indices, which leaves room for blocks on the dense ones) -- else each one whose blocks are
+    smaller than its bits. Once per refresh (and after loading a checkpoint); the selection and
+    the math do not change."""
+    budget = sum(-(-m.numel // 8) for m in masks.values())
+    size = {k: m.count + 4 * -(-m.numel // BLOCK) for k, m in masks.items() if m.kind == "bits"}
+    every = sum(size.values()) + sum(m.nbytes for m in masks.values() if m.kind != "bits") <= budget
+    return {k: (m.as_blocks() if k in size and (every or size[k] <= m.nbytes) else m) for k, m in masks.items()}

@@ -8,7 +8,7 @@ config) stays as it is::
     from fsam_dist.integrations.transformers import FSAMArguments, FSAMSeq2SeqTrainer
     trainer = FSAMSeq2SeqTrainer(model=model, args=training_args, fsam_args=FSAMArguments(rho=0.05), ...)
 
-Where the passes hook in (transformers 5.x, accelerate 1.x; DESIGN.md §5). The Trainer fetches a
+Where the passes hook in (transformers 5.x, accelerate 1.x; docs/design.md §4). The Trainer fetches a
 step's micro-batches, calls :meth:`training_step` on each (all but the last under
 ``accelerator.no_sync``), then clips, steps the optimizer and the scheduler and zeroes the
 gradients. Here ``training_step`` runs the Trainer's own forward/backward (pass 1) and keeps the

@@ -38,14 +38,19 @@ def _resolve(name_or_path: str) -> str:
     return str(path)
 
 
-def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` via ``AutoModelForSeq2SeqLM`` / ``AutoTokenizer.from_pretrained``.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+"""The weight files ``from_pretrained`` reads (one of them must be in the model directory)."""
 
-    Raises :class:`ModelLoadError` for a missing directory (or a hub id when offline), a directory
-    without ``config.json``, a model that is not an encoder-decoder, a tokenizer without a pad
-    token, or a tokenizer whose ids do not fit the model's vocabulary.
+
+def load_config_and_tokenizer(name_or_path: str):
+    """``(source, config, tokenizer)``: every check of :func:`load_model_and_tokenizer` that does not
+    need the weights (so it can run before any process group, without loading the model).
+
+    The vocabulary check uses ``config.vocab_size`` (the embedding's row count for T5/BART), and
+    the directory must hold one of :data:`WEIGHT_FILES`.
     """
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     source = _resolve(str(name_or_path))
     try:
@@ -55,6 +60,9 @@ def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float
     if not getattr(config, "is_encoder_decoder", False):
         raise ModelLoadError(f"{source!r} is a {config.model_type!r} model, not an encoder-decoder: use a "
                              f"seq2seq model such as T5, Flan-T5 or BART")
+    if not any((Path(source) / name).is_file() for name in WEIGHT_FILES):
+        raise ModelLoadError(f"cannot load the model weights of {source!r}: none of {', '.join(WEIGHT_FILES)} is "
+                             f"there; save the model with save_pretrained into that directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
@@ -65,18 +73,43 @@ def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float
             f"the tokenizer of {source!r} has no pad token, which batching needs: add one and save it, e.g. "
             f"`tok.pad_token = tok.eos_token` (or `tok.add_special_tokens({{'pad_token': '<pad>'}})` plus "
             f"`model.resize_token_embeddings(len(tok))`), then `tok.save_pretrained(DIR)`")
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ModelLoadError(f"the tokenizer of {source!r} has {len(tokenizer)} tokens but the model's embedding "
+                             f"has {vocab} rows: they do not belong together (or call "
+                             f"model.resize_token_embeddings(len(tokenizer)) and save)")
+    if config.decoder_start_token_id is None:
+        raise ModelLoadError(f"the model config of {source!r} has no decoder_start_token_id; set it (T5: the pad "
+                             f"id, BART: the eos id) in config.json")
+    return source, config, tokenizer
+
+
+def load_model(source: str, dtype: torch.dtype = torch.float32):
+    """``AutoModelForSeq2SeqLM.from_pretrained(source)``; a failure is a :class:`ModelLoadError`.
+    Under a live ``HfDeepSpeedConfig`` of ZeRO-3 this constructs under ``deepspeed.zero.Init`` and
+    loads each rank's partitions (``train/loading.py``)."""
+    from transformers import AutoModelForSeq2SeqLM
+
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=dtype)
+        return AutoModelForSeq2SeqLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load the model weights of {source!r}: {err}") from err
+
+
+def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` via ``AutoModelForSeq2SeqLM`` / ``AutoTokenizer.from_pretrained``.
+
+    Raises :class:`ModelLoadError` for a missing directory (or a hub id when offline), a directory
+    without ``config.json`` or weights, a model that is not an encoder-decoder, a tokenizer without
+    a pad token, or a tokenizer whose ids do not fit the model's vocabulary.
+    """
+    source, _, tokenizer = load_config_and_tokenizer(name_or_path)
+    model = load_model(source, dtype)
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
         raise ModelLoadError(f"the tokenizer of {source!r} has {len(tokenizer)} tokens but the model's embedding "
                              f"has {vocab} rows: they do not belong together (or call "
                              f"model.resize_token_embeddings(len(tokenizer)) and save)")
-    if model.config.decoder_start_token_id is None:
-        raise ModelLoadError(f"the model config of {source!r} has no decoder_start_token_id; set it (T5: the pad "
-                             f"id, BART: the eos id) in config.json")
     return model, tokenizer
 
 

@@ -1,21 +1,13 @@
 """Where DeepSpeed ZeRO stages 0-3 keep the local shards (docs/design.md §3; facts: docs/backends.md).
 
-Where the local shard lives after a backward at the accumulation boundary:
-
-* ZeRO-0 (fp32 only): every rank holds the full averaged gradient in ``p.grad`` and the full
-  weights -- the same as DDP, so the core reduces nothing (``REPLICATED``).
-* ZeRO-1/2 (fp32 or bf16): each rank owns a contiguous fragment of the flattened parameters: its
-  fp32 master (``hp_fragment``) and its reduced gradient; fragments are disjoint and cover all.
-  The perturbation goes into the fp32 master and DeepSpeed's ``update_lp_params()`` copies it into
-  the replicated (bit16 or fp32) weights the forward reads; the core restores the master exactly
-  and the same call publishes the restored weights.
-* ZeRO-3: each parameter is split into equal, padded partitions (``p.ds_tensor``, the weights the
-  forward gathers); the local gradient partition comes from ``safe_get_local_grad``. In fp32 the
-  perturbation goes into ``p.ds_tensor`` in place; in bf16 into the fp32 master
-  (``safe_get_local_fp32_param``, a view), copied into ``p.ds_tensor`` by ``publish`` (so e is
-  rounded once, from w + e in fp32, and the restore is exact). Then every gathered copy is
-  released (the next forward re-gathers it) and the persistent parameters re-gathered, as
-  ``step()`` leaves them. ``step()`` rewrites ``p.ds_tensor`` from the fp32 master.
+* ZeRO-0 (fp32): every rank holds the full averaged gradient and weights, as DDP (``REPLICATED``).
+* ZeRO-1/2: each rank owns a fragment of the flattened parameters: its fp32 master and reduced
+  gradient. The perturbation goes into the master and ``update_lp_params()`` copies it into the
+  replicated weights the forward reads; the restore is published by ``engine.step()``'s own
+  all-gather (anything that could read the weights before that publishes it first).
+* ZeRO-3: each parameter's padded partition ``p.ds_tensor`` (bf16: its fp32 master, copied into
+  ``p.ds_tensor`` by ``publish``) and ``safe_get_local_grad``; ``publish`` releases every gathered
+  copy so the next forward re-gathers it.
 
 A fragment's global position is its parameter's start in the model-wide flattened order plus its
 offset in the parameter, as in :class:`~fsam_dist.shards.local.LocalBackend`, so masks agree.
@@ -31,22 +23,8 @@ import torch.distributed as dist
 
 from ..core import DEFAULT_EXCLUDE, REPLICATED, ShardView, global_positions, grad_norm, is_eligible
 from .base import Backend, LossFn
-from .deepspeed_internals import (check_version, load_universal, zero3_copy_masters, zero3_local, zero3_publish,
+from .deepspeed_internals import (check_engine, load_universal, zero3_copy_masters, zero3_local, zero3_publish,
                                   zero12_clear_grads, zero12_fragment)
-
-
-def check_supported(stage: int, fp16: bool, bf16: bool, offloaded: list[str]) -> None:
-    """Refuse what the adapter does not handle, naming the DeepSpeed config key."""
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"DeepSpeedBackend: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
-    if fp16:
-        raise ValueError("DeepSpeedBackend: fp16 is not supported (untested; use bf16 or fp32)")
-    if stage == 0 and bf16:
-        raise ValueError("DeepSpeedBackend: bf16 needs ZeRO stage 1, 2 or 3 (at stage 0 DeepSpeed keeps the "
-                         "fp32 masters in an optimizer wrapper this adapter does not read)")
-    for key in offloaded:
-        raise ValueError(f"DeepSpeedBackend: zero_optimization.{key} is not supported (the gradients "
-                         "and masters then live in other buffers)")
 
 
 class DeepSpeedBackend(Backend):
@@ -67,12 +45,7 @@ class DeepSpeedBackend(Backend):
     """
 
     def __init__(self, engine, exclude: tuple[str, ...] | list[str] = DEFAULT_EXCLUDE) -> None:
-        import deepspeed
-
-        check_version(deepspeed.__version__)
-        offloaded = [key for key in ("offload_optimizer", "offload_param")
-                     if getattr(getattr(engine, f"zero_{key}")(), "device", "none") not in ("none", None)]
-        check_supported(engine.zero_optimization_stage(), engine.fp16_enabled(), engine.bfloat16_enabled(), offloaded)
+        check_engine(engine)
         self.engine, self.optimizer, self.scheduler = engine, engine.optimizer, engine.lr_scheduler
         self.stage = int(engine.zero_optimization_stage())
         self.module = self.engine.module
@@ -93,6 +66,13 @@ class DeepSpeedBackend(Backend):
         # back before the step so an in-place change (LookSAM's g + α g_v) reaches the optimizer.
         self._zero3_grads: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         self.bit16 = bool(engine.bfloat16_enabled())
+        self._unpublished = False   # ZeRO-1/2: restored masters not yet in the replicated weights
+
+    def _publish_restored(self) -> None:
+        """All-gather the restored masters if :meth:`publish` deferred it (same path on every rank)."""
+        if self._unpublished:
+            self._unpublished = False
+            self.optimizer.update_lp_params()
 
     def at_boundary(self) -> bool:
         """Whether the last ``engine.backward`` ran at the accumulation boundary (gradients reduced)."""
@@ -104,6 +84,7 @@ class DeepSpeedBackend(Backend):
 
     def forward_backward(self, loss_fn: LossFn, micro_batch: dict, scale: float, last: bool) -> torch.Tensor:
         self._zero3_grads = []   # stale once this backward adds to the gradients
+        self._publish_restored()
         self.engine.set_gradient_accumulation_boundary(last)
         loss_sum = loss_fn(self.engine, micro_batch)
         self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
@@ -129,6 +110,9 @@ class DeepSpeedBackend(Backend):
 
     def publish(self, restored: bool) -> None:
         if self.layout == "fragments":
+            if restored:   # engine.step() all-gathers the masters next (module docstring)
+                self._unpublished = True
+                return
             self.optimizer.update_lp_params()   # fp32 master → replicated weights (all-gather)
         elif self.layout == "zero3":
             if self.bit16:
@@ -137,6 +121,7 @@ class DeepSpeedBackend(Backend):
 
     def zero_grad(self) -> None:
         self._zero3_grads = []
+        self._publish_restored()   # a skipped step: no engine.step() publishes the restore
         if self.layout == "fragments":
             zero12_clear_grads(self.optimizer)
         else:
@@ -156,11 +141,16 @@ class DeepSpeedBackend(Backend):
             for p, grad in self._zero3_grads:
                 safe_set_local_grad(p, grad)
         norm = grad_norm(self.views(), self.group)
+        applied, skipped = self.engine.global_steps, self.engine.skipped_steps
         self.engine.step()   # clips, steps the optimizer, then the scheduler; clears the gradients
+        if self.engine.global_steps != applied + 1 or self.engine.skipped_steps != skipped:
+            self._publish_restored()   # no optimizer step ran: nothing all-gathered the masters
+        self._unpublished = False
         return norm
 
     def save_state(self, path: str) -> None:
         """``engine.save_checkpoint`` into the directory ``path`` (each rank writes its shards)."""
+        self._publish_restored()
         self.engine.save_checkpoint(str(path), tag="state")
 
     def load_state(self, path: str, saved_world_size: int | None = None) -> None:
@@ -193,6 +183,7 @@ class DeepSpeedBackend(Backend):
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
+        self._publish_restored()
         full = {}
         for _, p in self.trainable:
             value = p.detach() if self.layout == "replicated" else safe_get_full_fp32_param(p)

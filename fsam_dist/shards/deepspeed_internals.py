@@ -1,8 +1,8 @@
-"""DeepSpeed's private internals the ZeRO adapter reads, each behind :func:`check_version`.
+"""DeepSpeed's private internals the ZeRO adapter reads, and the guards in front of them.
 
 None of these has public API at DeepSpeed 0.19; :class:`~fsam_dist.shards.deepspeed.DeepSpeedBackend`
-calls :func:`check_version` before it touches any of them, so a DeepSpeed release that moves one
-fails with one clear error instead of a wrong answer.
+calls :func:`check_engine` (tested DeepSpeed versions, supported features) before it touches any
+of them, so a DeepSpeed release that moves one fails with one clear error instead of a wrong answer.
 """
 
 from __future__ import annotations
@@ -23,7 +23,31 @@ def check_version(version: str) -> None:
     if not low <= major_minor <= high:
         raise RuntimeError(f"DeepSpeedBackend was tested with DeepSpeed {low[0]}.{low[1]}.x to {high[0]}.{high[1]}.x, "
                            f"found {version}: it reads ZeRO internals without public API (see "
-                           "fsam_dist/shards/deepspeed.py); check them and widen TESTED_VERSIONS")
+                           "fsam_dist/shards/deepspeed_internals.py); check them and widen TESTED_VERSIONS")
+
+
+def check_supported(stage: int, fp16: bool, bf16: bool, offloaded: list[str]) -> None:
+    """Refuse what the adapter does not handle, naming the DeepSpeed config key."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"DeepSpeedBackend: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
+    if fp16:
+        raise ValueError("DeepSpeedBackend: fp16 is not supported (untested; use bf16 or fp32)")
+    if stage == 0 and bf16:
+        raise ValueError("DeepSpeedBackend: bf16 needs ZeRO stage 1, 2 or 3 (at stage 0 DeepSpeed keeps the "
+                         "fp32 masters in an optimizer wrapper this adapter does not read)")
+    for key in offloaded:
+        raise ValueError(f"DeepSpeedBackend: zero_optimization.{key} is not supported (the gradients "
+                         "and masters then live in other buffers)")
+
+
+def check_engine(engine) -> None:
+    """:func:`check_version` and :func:`check_supported` for an engine ``deepspeed.initialize`` built."""
+    import deepspeed
+
+    check_version(deepspeed.__version__)
+    offloaded = [key for key in ("offload_optimizer", "offload_param")
+                 if getattr(getattr(engine, f"zero_{key}")(), "device", "none") not in ("none", None)]
+    check_supported(engine.zero_optimization_stage(), engine.fp16_enabled(), engine.bfloat16_enabled(), offloaded)
 
 
 # DeepSpeed internals without public API (checked for TESTED_VERSIONS):

@@ -87,6 +87,7 @@ class Plan:
     batch_size: int
     mask_interval: int
     workers: int
+    rho: float | None = None     # overrides RHO (adaptive FSAM: 10x) when set
 
 
 # ----------------------------------------------------------------------------------------- eval file
@@ -108,6 +109,8 @@ def write_eval_file(task: Task, folder: Path, val: int, test: int) -> tuple[Path
 def run_config(plan: Plan, task: Task, size: int, method: str, seed: int, eval_file: Path, run_dir: Path) -> dict:
     steps = plan.steps[(task.name, size)]
     fsam = {"mask_interval": plan.mask_interval, **METHODS[method][1]}
+    if plan.rho is not None and method != "adamw":
+        fsam["rho"] = plan.rho * (10 if fsam.get("adaptive") else 1)
     return {
         "model": {"name_or_path": str(plan.model)},
         "data": {"train_file": task.spec, "eval_file": str(eval_file), "max_train_examples": size,
@@ -261,7 +264,7 @@ def make_plan(args) -> Plan:
             every[(t.name, n)] = max(1, math.ceil(steps[(t.name, n)] / args.evals))
     return Plan(model=args.model, out=args.out, tasks=tasks, methods=args.methods, seeds=list(range(args.seeds)),
                 sizes=sizes, steps=steps, eval_every=every, lr=args.lr, batch_size=args.batch_size,
-                mask_interval=args.mask_interval, workers=args.workers)
+                mask_interval=args.mask_interval, workers=args.workers, rho=args.rho)
 
 
 def jobs_for(plan: Plan, eval_files: dict) -> list[dict]:
@@ -313,7 +316,8 @@ def run_study(plan: Plan, val_examples: int | None = None, test_examples: int | 
     rows = aggregate(scores, plan)
     result = {"rows": rows, "wall_seconds": round(time.time() - start, 1),
               "settings": {"model": str(plan.model), "lr": plan.lr, "batch_size": plan.batch_size,
-                           "mask_interval": plan.mask_interval, "rho": {m: METHODS[m][1].get("rho")
+                           "mask_interval": plan.mask_interval, "rho": {m: (METHODS[m][1].get("rho") if plan.rho is None or m == "adamw" else
+                                                                            plan.rho * (10 if METHODS[m][1].get("adaptive") else 1))
                                                                         for m in plan.methods},
                            "methods": {m: METHODS[m] for m in plan.methods}, "seeds": plan.seeds,
                            "steps": {f"{t}/{n}": s for (t, n), s in plan.steps.items()},
@@ -338,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="a few minutes: g2p only, 200 examples, AdamW/SAM/FSAM, 2 seeds, 150 steps")
-    ap.add_argument("--model", default=None, help="pretrained start (default: .demo/pretrained-t5, built if missing)")
+    ap.add_argument("--model", default=None, help="pretrained start (default: .demo/pretrained-t5-v2, built if missing)")
     ap.add_argument("--out", type=Path, default=None, help="default runs/study (runs/study-quick with --quick)")
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=None)
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=None)
@@ -350,9 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-examples", type=int, default=None)
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: tabulate the runs of this plan that have finished")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (chosen on the g2p validation split)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--mask-interval", type=int, default=50)
+    ap.add_argument("--rho", type=float, default=None,
+                    help=f"perturbation radius of SAM/FSAM rows (default {RHO}; adaptive FSAM gets 10x)")
     ap.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                     help="worker processes (one run each, one thread)")
     args = ap.parse_args(argv)
@@ -366,9 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--methods: include adamw (step times and differences are relative to it)")
     args.out = args.out or REPO / ("runs/study-quick" if args.quick else "runs/study")
     if args.model is None:
-        from ..seq2seq.pretrain import pretrain
+        from ..seq2seq.pretrain import CACHE, pretrain
 
-        args.model = str(pretrain(REPO / ".demo" / "pretrained-t5"))
+        args.model = str(pretrain(REPO / CACHE))
     plan = make_plan(args)
     result = run_study(plan, args.val_examples, args.test_examples, train=not args.report_only)
     print("\n" + markdown(result["rows"]))

@@ -196,8 +196,9 @@ def make_scheduler(optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
 
 
 def build_backend(name: str, cfg: Config, env: DistEnv, model: torch.nn.Module, device: torch.device,
-                  ds_config: dict | None):
-    """The adapter for ``name`` around ``model`` (already on ``device``)."""
+                  ds_config: dict | None, from_rank0: bool = False):
+    """The adapter for ``name`` around ``model`` (already on ``device``). ``from_rank0`` (FSDP): only
+    rank 0's model holds the weights, the others are on the meta device (``train/loading.py``)."""
     exclude = tuple(cfg.fsam.exclude)
     if name in ("single", "ddp"):
         from ..shards.local import LocalBackend
@@ -221,5 +222,5 @@ def build_backend(name: str, cfg: Config, env: DistEnv, model: torch.nn.Module, 
             model, fsdp_settings_from_env(),
             optimizer_factory=lambda m: make_optimizer(param_groups(m, cfg.optim.weight_decay), cfg),
             scheduler_factory=lambda opt: make_scheduler(opt, cfg), precision=cfg.train.precision,
-            exclude=exclude)
+            exclude=exclude, from_rank0=from_rank0)
     raise ConfigError(f"backend.name: unknown backend {name!r}")

@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 
 from ..core import DEFAULT_EXCLUDE
-from ..shards.deepspeed import DeepSpeedBackend, check_supported
-from ..shards.deepspeed_internals import check_version
+from ..shards.deepspeed import DeepSpeedBackend
+from ..shards.deepspeed_internals import check_supported, check_version
 
 
 def check_deepspeed_config(ds_config: dict) -> None:

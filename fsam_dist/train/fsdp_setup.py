@@ -35,6 +35,10 @@ class FSDPSettings:
     mixed_precision: str | None = None
     cpu_offload: bool = False
     sync_module_states: bool = False
+    activation_checkpointing: bool = False
+    """yaml ``fsdp_activation_checkpointing``: checkpoint every transformer block (the loop turns on
+    Hugging Face's non-reentrant gradient checkpointing, as ``train.gradient_checkpointing`` does:
+    same blocks, parameter names unchanged)."""
     state_dict_type: str = "SHARDED_STATE_DICT"
     """How the training loop should export the final model ('SHARDED_STATE_DICT' or
     'FULL_STATE_DICT'); checkpoints for resuming are always sharded (:meth:`FSDPBackend.save_state`)."""
@@ -42,6 +46,7 @@ class FSDPSettings:
     def backend_kwargs(self) -> dict:
         kw = asdict(self)
         kw.pop("state_dict_type")
+        kw.pop("activation_checkpointing")
         return kw
 
 
@@ -89,7 +94,9 @@ def fsdp_settings_from_env(environ: Mapping[str, str] | None = None) -> FSDPSett
     ``FSDP_CPU_RAM_EFFICIENT_LOADING``, ``FSDP_ACTIVATION_CHECKPOINTING``(``_OFFLOAD``),
     ``FSDP_FORWARD_PREFETCH``, ``FSDP_BACKWARD_PREFETCH``, ``FSDP_MIN_NUM_PARAMS``,
     ``FSDP_IGNORED_MODULES``, and ``ACCELERATE_MIXED_PRECISION`` (yaml ``mixed_precision``).
-    Prefetch settings only tune communication overlap and are ignored.
+    Prefetch settings only tune communication overlap and are ignored. ``fsdp_cpu_ram_efficient_loading``
+    is accepted either way: the CLI always loads that way under FSDP (rank 0 reads the
+    checkpoint, the other ranks build on the meta device, ``train/loading.py``).
     """
     env = os.environ if environ is None else environ
     if not use_fsdp(env):
@@ -146,12 +153,10 @@ def fsdp_settings_from_env(environ: Mapping[str, str] | None = None) -> FSDPSett
         raise ValueError(f"accelerate config: fsdp_auto_wrap_policy={policy} is not supported; use "
                          "TRANSFORMER_BASED_WRAP (with fsdp_transformer_layer_cls_to_wrap) or NO_WRAP")
 
-    for var, key in (("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing"),
-                     ("FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD", "fsdp_activation_checkpointing_offload"),
-                     ("FSDP_CPU_RAM_EFFICIENT_LOADING", "fsdp_cpu_ram_efficient_loading")):
-        if _bool(env, var, key, False):
-            raise ValueError(f"accelerate config: {key}: true is not supported by the FSAM FSDP backend; "
-                             "set it to false")
+    if _bool(env, "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD", "fsdp_activation_checkpointing_offload", False):
+        raise ValueError("accelerate config: fsdp_activation_checkpointing_offload: true is not supported by the "
+                         "FSAM FSDP backend; set it to false (fsdp_activation_checkpointing: true is)")
+    _bool(env, "FSDP_CPU_RAM_EFFICIENT_LOADING", "fsdp_cpu_ram_efficient_loading", True)   # checked spelling only
     if env.get("FSDP_IGNORED_MODULES", "").strip():
         raise ValueError("accelerate config: fsdp_ignored_modules is not supported by the FSAM FSDP backend")
 
@@ -174,14 +179,16 @@ def fsdp_settings_from_env(environ: Mapping[str, str] | None = None) -> FSDPSett
         version=version, sharding_strategy=strategy, reshard_after_forward=reshard, wrap_classes=wrap,
         mixed_precision=None if precision == "no" else "bf16",
         cpu_offload=_bool(env, "FSDP_OFFLOAD_PARAMS", "fsdp_offload_params", False),
-        sync_module_states=sync, state_dict_type=state_dict_type)
+        sync_module_states=sync, state_dict_type=state_dict_type,
+        activation_checkpointing=_bool(env, "FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing", False))
 
 
 def fsdp_backend(model: nn.Module, settings: FSDPSettings | None = None, *,
                   optimizer_factory: Callable, scheduler_factory: Callable | None = None,
                   precision: str | None = None, exclude: tuple[str, ...] | list[str] = DEFAULT_EXCLUDE,
-                  device: torch.device | None = None) -> FSDPBackend:
+                  device: torch.device | None = None, from_rank0: bool = False) -> FSDPBackend:
     """The FSDP adapter wrapping ``model`` as :class:`FSDPSettings` say (default: :func:`fsdp_settings_from_env`).
+    ``from_rank0``: only rank 0's model holds the weights (``wrap_fsdp``; ``train/loading.py``).
 
     ``precision`` is the training config's 'fp32' | 'bf16': bf16 turns on FSDP's bf16 policy;
     it must not contradict the accelerate yaml's ``mixed_precision`` when that is bf16.
@@ -198,4 +205,4 @@ def fsdp_backend(model: nn.Module, settings: FSDPSettings | None = None, *,
                              f"train.precision: {precision}")
         kwargs["mixed_precision"] = wanted
     return wrap_fsdp(model, optimizer_factory=optimizer_factory, scheduler_factory=scheduler_factory,
-                     exclude=exclude, device=device, **kwargs)
+                     exclude=exclude, device=device, from_rank0=from_rank0, **kwargs)

@@ -49,12 +49,15 @@ class Prepared:
     eval_examples: list[dict]
     notes: list[str] | None = None
     """Log lines for rank 0 once logging is set up (e.g. grad_accum_steps adjusted on resume)."""
+    model_source: str = ""
+    """The checked model directory; the weights are read in :meth:`Run.start` (``train/loading.py``)."""
+    model_config: Any = None
 
 
 def prepare(cfg: Config) -> Prepared:
     """Everything that can fail on bad input, before any process group starts."""
     from ..seq2seq.data import load_examples, tokenize_examples
-    from ..seq2seq.model import load_model_and_tokenizer
+    from ..seq2seq.model import load_config_and_tokenizer
 
     env = distributed.detect_env()
     name = resolve_backend(cfg, env)
@@ -65,7 +68,9 @@ def prepare(cfg: Config) -> Prepared:
     ds_config = preflight(cfg, env, name)
     global_batch = cfg.train.micro_batch_size * env.world_size * cfg.train.grad_accum_steps
     try:
-        model, tokenizer = load_model_and_tokenizer(cfg.model.name_or_path)
+        # Config and tokenizer only: the weights are loaded once the process group exists, each
+        # backend without a full copy per rank where it shards (train/loading.py).
+        source, model_config, tokenizer = load_config_and_tokenizer(cfg.model.name_or_path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path: {err}") from None
     try:
@@ -86,8 +91,8 @@ def prepare(cfg: Config) -> Prepared:
     if len(features) < env.world_size:
         raise ConfigError(f"data.train_file: {len(features)} usable example(s) for {env.world_size} processes; "
                           "give it more data or start fewer processes")
-    return Prepared(env, name, ds_config, model, tokenizer, features, report, global_batch, resume_from,
-                    eval_examples, notes)
+    return Prepared(env, name, ds_config, None, tokenizer, features, report, global_batch, resume_from,
+                    eval_examples, notes, model_source=source, model_config=model_config)
 
 
 def run(cfg: Config) -> Path:
@@ -135,13 +140,19 @@ class Run:
 
     @classmethod
     def start(cls, cfg: Config, prep: Prepared, device: torch.device) -> "Run":
+        from .loading import load_for_backend
+
+        loaded = load_for_backend(prep.backend_name, prep.ds_config, prep.env.rank, prep.model_source,
+                                  prep.model_config, cfg.train.gradient_checkpointing)
+        prep.model = loaded.model
         torch.manual_seed(cfg.train.seed)
         if prep.backend_name in ("single", "ddp"):
             # DeepSpeed and FSDP place (and shard) the module themselves: moving it whole to the
             # GPU first would put a full copy on every GPU and defeat CPU offload.
             prep.model.to(device)
         prep.model.train()
-        backend = build_backend(prep.backend_name, cfg, prep.env, prep.model, device, prep.ds_config)
+        backend = build_backend(prep.backend_name, cfg, prep.env, prep.model, device, prep.ds_config,
+                                from_rank0=loaded.from_rank0)
         # Fault injection (FSAM_FAULT, tests/ops only): None when unset, then nothing is wrapped.
         plan = faults.from_env(prep.env.rank, cfg.fsam.fisher)
         loss_fn = seq2seq_loss_sum if plan is None else plan.wrap(seq2seq_loss_sum, cfg.train.grad_accum_steps)
