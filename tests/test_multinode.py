@@ -85,6 +85,16 @@ def _newest_step(output_dir: Path) -> int:
     return found[-1][0] if found else 0
 
 
+def _wait_for_first_checkpoint(cluster, job, run: Path, log_path: Path) -> None:
+    """Until ``run`` holds checkpoint step-SAVE_EVERY; fails if the job ends before that."""
+    def first_checkpoint():
+        state = cluster.job(job)["JobState"]
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {state} before a checkpoint:\n{_tail(log_path)}"
+        return _newest_step(run) >= SAVE_EVERY
+
+    wait_for(first_checkpoint, 240, f"checkpoint step-{SAVE_EVERY}")
+
+
 def _resume_step(output_dir: Path) -> int:
     """Step of the checkpoint ``train.resume: auto`` will pick (manifest verified)."""
     ckpt = latest_checkpoint(output_dir)
@@ -144,12 +154,7 @@ def test_slurm_node_killed_job_fails_then_requeue_resumes(slurm_cluster, referen
     run = tmp_path / "runs" / f"{JOB_NAME}-{job}"
     log_path = tmp_path / f"slurm-{job}.out"
 
-    def first_checkpoint():
-        state = slurm_cluster.job(job)["JobState"]
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {state} before a checkpoint:\n{_tail(log_path)}"
-        return _newest_step(run) >= SAVE_EVERY
-
-    wait_for(first_checkpoint, 240, f"checkpoint step-{SAVE_EVERY}")
+    _wait_for_first_checkpoint(slurm_cluster, job, run, log_path)
     conf = str(slurm_cluster.conf)
     victims = [p for p in processes_with_env("SLURMD_NODENAME", "n2")
                if process_env(p).get("SLURM_CONF") == conf and process_env(p).get("SLURM_JOB_ID") == str(job)
@@ -243,12 +248,7 @@ def test_slurm_fsdp_two_nodes_then_one_node_continues_the_run(slurm_cluster, ref
                         **step_delay_hook(tmp_path / "hook", STEP_DELAY))
     log_path = tmp_path / f"slurm-{job}.out"
 
-    def first_checkpoint():
-        state = slurm_cluster.job(job)["JobState"]
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {state} before a checkpoint:\n{_tail(log_path)}"
-        return _newest_step(run) >= SAVE_EVERY
-
-    wait_for(first_checkpoint, 240, f"checkpoint step-{SAVE_EVERY}")
+    _wait_for_first_checkpoint(slurm_cluster, job, run, log_path)
     slurm_cluster.run(["scancel", "--signal=USR1", str(job)])
     record = slurm_cluster.wait(job, timeout=180)
     log = _tail(log_path)

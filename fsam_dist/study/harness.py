@@ -25,7 +25,6 @@ import math
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
