@@ -23,6 +23,8 @@ entry of a dense range) or the int64 indices of that chunk's set entries.
 
 from __future__ import annotations
 
+import sys
+
 from typing import Iterator
 
 import torch
@@ -331,8 +333,10 @@ class Mask:
 
     @classmethod
     def from_state(cls, state: dict) -> "Mask":
-        """From :meth:`state`."""
-        return cls(state["numel"], state["count"], state["kind"], state["data"])
+        """From :meth:`state`. The kind is interned, as the literal a fresh mask holds, so a
+        checkpoint written after a resume pickles byte-identically to one written without it
+        (pickle memoises strings by identity)."""
+        return cls(state["numel"], state["count"], sys.intern(state["kind"]), state["data"])
 
     def __repr__(self) -> str:
         return f"Mask(numel={self.numel}, count={self.count}, kind={self.kind!r}, nbytes={self.nbytes})"

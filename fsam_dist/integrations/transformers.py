@@ -229,7 +229,16 @@ def fsdp_settings_from_plugin(plugin, mixed_precision: str) -> FSDPSettings:
     env["FSDP_ACTIVATION_CHECKPOINTING"] = str(bool(plugin.activation_checkpointing)).lower()
     env["FSDP_CPU_RAM_EFFICIENT_LOADING"] = str(bool(plugin.cpu_ram_efficient_loading)).lower()
     env["FSDP_IGNORED_MODULES"] = "x" if plugin.ignored_modules else ""
-    return fsdp_settings_from_env(env)
+    settings = fsdp_settings_from_env(env)
+    # The CLI applies these two itself (train/loading.py); here the user's script loads and the
+    # Trainer owns gradient checkpointing, so they are refused rather than silently ignored.
+    if settings.activation_checkpointing:
+        raise ValueError("accelerate config: fsdp_activation_checkpointing: true is not supported with FSAMTrainer; "
+                         "use --gradient_checkpointing (TrainingArguments), which the Trainer applies to the model")
+    if plugin.cpu_ram_efficient_loading:
+        raise ValueError("accelerate config: fsdp_cpu_ram_efficient_loading: true is not supported with FSAMTrainer "
+                         "(the script's from_pretrained would leave ranks >= 1 on the meta device); set it to false")
+    return settings
 
 
 class _FSAMTrainerMixin:

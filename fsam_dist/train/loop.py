@@ -261,6 +261,9 @@ def _train(run: Run) -> Path:
             if t.save_every and done % t.save_every == 0 and done < t.max_steps:
                 saved = run.save(done)
             if done < t.max_steps and run.stop.agreed():   # collective: every rank stops after this step
+                if bar is not None:   # first, so the stop message gets a line of its own
+                    bar.close()
+                    bar = None
                 return _stop(run, done, saved)
         if bar is not None:
             bar.close()
