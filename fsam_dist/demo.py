@@ -1,7 +1,7 @@
 """``make demo``: AdamW vs SAM vs FSAM fine-tuning a pretrained miniature T5 on 300 words of grapheme-to-phoneme, CPU.
 
-1. Pretrains a small T5 once (``python -m fsam_dist.seq2seq.pretrain``: span corruption on offline
-   text, ~3 CPU minutes on an idle core, cached in ``.demo/pretrained-t5-v2``) — no pretrained
+1. Pretrains a small T5 once (``python -m fsam_dist.seq2seq.pretrain``: span corruption and
+   prefix-LM on offline text, ~3 CPU minutes on an idle core, cached in ``.demo/pretrained-t5-v2``) — no pretrained
    weights can be downloaded here, and the paper's setting is fine-tuning a *pretrained* model on
    *little* data.
 2. Fine-tunes it on ``--train-examples`` CMUdict words with AdamW, SAM (keep ratio 1, nothing
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Pretraining the miniature T5 once (cached in {model_dir}; a few CPU minutes):", flush=True)
         model_dir = pretrain(model_dir)
         info = json.loads((model_dir / "fsam_pretrain.json").read_text())
-        start_text = (f"pretrained miniature T5 ({info['parameters']:,} parameters, span corruption on "
+        start_text = (f"pretrained miniature T5 ({info['parameters']:,} parameters, span corruption + prefix-LM on "
                       f"{info['corpus']})")
     else:
         start_text = str(model_dir)
