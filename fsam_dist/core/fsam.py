@@ -44,7 +44,7 @@ import torch
 from .comm import global_sums
 from .looksam import add_sharpness_component, sharpness_component
 from .masks import Mask, with_positions
-from .norms import grad_norm, sumsq
+from .norms import fp64_total, grad_norm, sumsq
 from .reshard import GLOBAL, place_masks, place_tensors
 from .restore import SMALL, Saved, restored, save
 from .select import topk_masks
@@ -518,9 +518,6 @@ class FSAM:
         if reuse is not None:
             self._component = place_tensors(reuse["component"], views)
             self._look_grad_norm = float(reuse["look_grad_norm"])
-            local = 0.0
-            for view in views:
-                g = self._component[view.key]
-                for start, end in chunks(view.numel):
-                    local += float(sumsq(g[start:end]))
-            self._component_sumsq = local
+            # the same per-chunk partials and the same sum as sharpness_component (same layout: same bits)
+            self._component_sumsq = fp64_total([sumsq(self._component[view.key][start:end])
+                                                for view in views for start, end in chunks(view.numel)])

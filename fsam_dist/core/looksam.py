@@ -14,7 +14,7 @@ import math
 import torch
 
 from .comm import global_sums
-from .norms import local_grad_sumsq, sumsq
+from .norms import fp64_total, local_grad_sumsq, sumsq
 from .views import ShardView, chunks
 
 
@@ -38,14 +38,15 @@ def sharpness_component(views: list[ShardView], first: dict, group=None) -> tupl
     step's ‖g‖²; the global ‖g‖; the global ‖g_v‖ / ‖g‖, from the reduced sums, for logging)."""
     dot, first_sumsq, second_sumsq = global_sums(list(_dots(views, first)), group).tolist()
     coef = dot / first_sumsq if first_sumsq > 0 else 0.0
-    local = 0.0
+    partials = []
     with torch.no_grad():
         for v in views:
             g = first[v.key]
             for start, end in chunks(v.numel):
                 piece = g[start:end]
                 piece.mul_(-coef).add_(v.grad[start:end])
-                local += float(sumsq(piece))
+                partials.append(sumsq(piece))
+    local = fp64_total(partials)
     ratio = math.sqrt(max(0.0, second_sumsq - coef * dot) / first_sumsq) if first_sumsq > 0 else 0.0
     return local, math.sqrt(first_sumsq), ratio
 

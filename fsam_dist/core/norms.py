@@ -16,6 +16,12 @@ def sumsq(x: torch.Tensor) -> torch.Tensor:
     return torch.dot(x, x) if x.numel() else torch.zeros((), dtype=torch.float64, device=x.device)
 
 
+def fp64_total(partials: list[torch.Tensor]) -> float:
+    """Σ of per-chunk fp64 partials, added on their device in one reduction: one host sync for
+    the lot (not one per chunk), and the same rounding wherever the same partials are summed."""
+    return float(torch.stack(partials).sum()) if partials else 0.0
+
+
 def local_grad_sumsq(views: list[ShardView]) -> torch.Tensor:
     """This rank's Σ g² over the views: one fp32 dot per chunk (read once, no fp64 copy), the
     partials summed in fp64 on the gradients' device (no host sync)."""
