@@ -50,14 +50,21 @@ class Task:
     max_target_length: int = 32
     val_examples: int = 200
     test_examples: int = 400
+    baselines: tuple[str, ...] = ()     # keys of BASELINES, scored on the same validation/test parts
 
 
 TASKS = {
     "g2p": Task("g2p", "builtin:cmudict", "per", True, "g2p", (200, 1000), {200: 150, 1000: 150},
                 val_examples=60, test_examples=200),
-    "text": Task("text", "builtin:django-de", "chrf", False, "translation", (200, 620), {200: 150, 620: 150},
-                 max_source_length=48, max_target_length=64, val_examples=69, test_examples=300),
+    "stress": Task("stress", "builtin:stress", "exact_match", False, "gec", (300, 3000), {300: 600, 3000: 600},
+                   val_examples=300, test_examples=600, baselines=("majority", "vowel-groups")),
+    "spelling": Task("spelling", "builtin:spelling", "exact_match", False, "gec", (300, 3000), {300: 600, 3000: 600},
+                     val_examples=300, test_examples=600, baselines=("copy",)),
 }
+"""g2p: grapheme → phoneme, PER. stress: the lexical stress pattern of a held-out word, exact match.
+spelling: spelling correction of held-out words, exact match (copying the input scores 0); it
+does not learn at this scale (docs/results.md), so it is not in the default ``--tasks``.
+(:mod:`fsam_dist.seq2seq.data.corpora.heldout`)."""
 
 # (label, fsam section). SAM perturbs every entry (nothing excluded), as keep_ratio 1 means.
 METHODS = {
@@ -91,12 +98,13 @@ class Plan:
 
 # ----------------------------------------------------------------------------------------- eval file
 def write_eval_file(task: Task, folder: Path, val: int, test: int) -> tuple[Path, int]:
-    """``folder/<task>-eval.jsonl``: ``val`` validation then ``test`` test examples; returns (path, n_val)."""
+    """``folder/<task>-eval.jsonl``: ``val`` validation then ``test`` test examples; returns (path, n_val).
+    ``test`` 0 writes validation examples only (choosing a budget without generating on test)."""
     from ..seq2seq.data import load_examples
 
     folder.mkdir(parents=True, exist_ok=True)
     v, _ = load_examples(task.spec, "validation", max_examples=val)
-    t, _ = load_examples(task.spec, "test", max_examples=test)
+    t = load_examples(task.spec, "test", max_examples=test)[0] if test else []
     path = folder / f"{task.name}-eval.jsonl"
     text = "".join(json.dumps({"source": ex["source"], "target": ex["target"], "id": ex["id"]}, ensure_ascii=False)
                    + "\n" for ex in v + t)
@@ -156,7 +164,8 @@ def score_run(run_dir: Path, task: Task, n_val: int) -> dict:
         rows = [json.loads(line) for line in pred_file.read_text().splitlines() if line.strip()]
         parts = {"val": rows[:n_val], "test": rows[n_val:]}
         by_step[step] = {part: compute_metrics([r["prediction"] for r in rs], [r["target"] for r in rs],
-                                               task.eval_task)[task.metric] for part, rs in parts.items()}
+                                               task.eval_task)[task.metric] if rs else math.nan
+                         for part, rs in parts.items()}
     if not by_step:
         raise FileNotFoundError(f"{run_dir} has no prediction files")
     sign = 1 if task.lower_is_better else -1
@@ -166,6 +175,43 @@ def score_run(run_dir: Path, task: Task, n_val: int) -> dict:
     return {"best_step": best, "val": by_step[best]["val"], "test": by_step[best]["test"],
             "final_test": by_step[max(by_step)]["test"], "curve": {s: v for s, v in sorted(by_step.items())},
             "step_time": statistics.mean(times[len(times) // 10:]) if times else math.nan}
+
+
+def _majority(task: Task):
+    from collections import Counter
+
+    from ..seq2seq.data import load_examples
+
+    common = Counter(ex["target"] for ex in load_examples(task.spec, "train")[0]).most_common(1)[0][0]
+    return lambda source: common
+
+
+def _vowel_groups(task: Task):
+    from ..seq2seq.data.corpora.heldout import stress_heuristic
+
+    return stress_heuristic
+
+
+BASELINES = {
+    "copy": ("copy the input (no model)", lambda task: (lambda source: source)),
+    "majority": ("the commonest training target (no model)", _majority),
+    "vowel-groups": ("one syllable per vowel group, stress on the first (no model)", _vowel_groups),
+}
+"""Predictions without a model, so a reader sees what fine-tuning adds: name -> (label, task -> source -> prediction)."""
+
+
+def baseline_scores(task: Task, eval_file: Path, n_val: int) -> dict:
+    """Each of the task's baselines scored with the task's metric on the validation and test parts."""
+    from ..seq2seq.metrics import compute_metrics
+
+    rows = [json.loads(line) for line in eval_file.read_text().splitlines() if line.strip()]
+    out = {}
+    for name in task.baselines:
+        predict = BASELINES[name][1](task)
+        out[name] = {part: compute_metrics([predict(r["source"]) for r in rs], [r["target"] for r in rs],
+                                           task.eval_task)[task.metric] if rs else math.nan
+                     for part, rs in (("val", rows[:n_val]), ("test", rows[n_val:]))}
+    return out
 
 
 def aggregate(scores: dict, plan: Plan) -> list[dict]:
@@ -204,13 +250,19 @@ def aggregate(scores: dict, plan: Plan) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     """The study's tables: per-method test scores, then the paired differences."""
     lines = ["| task (metric) | train examples | steps | method | test mean | std | 95 % CI | seeds | "
-             "chosen steps (median) | step time vs AdamW |", "|---|---:|---:|---|---:|---:|---|---:|---:|---:|"]
+             "validation mean | chosen step (median) | runs stopped at the last evaluation | step time vs AdamW |",
+             "|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         arrow = "↓" if row["lower_is_better"] else "↑"
         for m, s in row["methods"].items():
+            last = sum(step == row["steps"] for step in s["best_steps"])
             lines.append(f"| {row['task']} ({row['metric']} {arrow}) | {row['size']} | {row['steps']} | "
                          f"{METHODS[m][0]} | {s['mean']:.2f} | {s['std']:.2f} | [{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
-                         f" | {s['n']} | {statistics.median(s['best_steps']):.0f} | {s['step_time_ratio']:.2f}× |")
+                         f" | {s['n']} | {s['val_mean']:.2f} | {statistics.median(s['best_steps']):.0f} | "
+                         f"{last}/{s['n']} | {s['step_time_ratio']:.2f}× |")
+        for name, b in row.get("baselines", {}).items():
+            lines.append(f"| {row['task']} ({row['metric']} {arrow}) | {row['size']} | 0 | {BASELINES[name][0]} | "
+                         f"{b['test']:.2f} | | | | {b['val']:.2f} | | | |")
     lines += ["", "| task (metric) | train examples | difference | mean | 95 % CI | paired t-test p | seeds |",
               "|---|---:|---|---:|---|---:|---:|"]
     for row in rows:
@@ -254,8 +306,11 @@ def make_plan(args) -> Plan:
 
     tasks = [TASKS[t] for t in args.tasks]
     sizes = {t.name: tuple(args.sizes) if args.sizes else t.sizes for t in tasks}
-    if "g2p" in sizes and max(sizes["g2p"]) > RESERVED_WORDS:
+    if max(sizes.get("g2p", [0])) > RESERVED_WORDS:
         raise SystemExit(f"--sizes: g2p training sets come from the {RESERVED_WORDS} words kept out of pretraining")
+    if max([*sizes.get("spelling", []), *sizes.get("stress", []), 0]) > 9000:
+        raise SystemExit("--sizes: stress and spelling training sets come from the ~9 100 usable words kept out of "
+                         "pretraining (at most 9000)")
     steps, every = {}, {}
     for t in tasks:
         for n in sizes[t.name]:
@@ -287,8 +342,9 @@ def jobs_for(plan: Plan, eval_files: dict) -> list[dict]:
 def run_study(plan: Plan, val_examples: int | None = None, test_examples: int | None = None,
               train: bool = True) -> dict:
     plan.out.mkdir(parents=True, exist_ok=True)
-    eval_files = {t.name: write_eval_file(t, plan.out, val_examples or t.val_examples,
-                                          test_examples or t.test_examples) for t in plan.tasks}
+    eval_files = {t.name: write_eval_file(t, plan.out, t.val_examples if val_examples is None else val_examples,
+                                          t.test_examples if test_examples is None else test_examples)
+                  for t in plan.tasks}
     jobs = jobs_for(plan, eval_files)
     start = time.time()
     env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -313,6 +369,9 @@ def run_study(plan: Plan, val_examples: int | None = None, test_examples: int | 
         scores[(name, size, method, seed)] = score_run(Path(job["config"]["train"]["output_dir"]), tasks[name],
                                                        eval_files[name][1])
     rows = aggregate(scores, plan)
+    baselines = {t.name: baseline_scores(t, *eval_files[t.name]) for t in plan.tasks}
+    for row in rows:
+        row["baselines"] = baselines[row["task"]]
     result = {"rows": rows, "wall_seconds": round(time.time() - start, 1),
               "settings": {"model": str(plan.model), "lr": plan.lr, "batch_size": plan.batch_size,
                            "mask_interval": plan.mask_interval, "rho": {m: (METHODS[m][1].get("rho") if plan.rho is None or m == "adamw" else

@@ -12,7 +12,8 @@ and ``collate`` turn examples into model batches (labels padded with -100).
   split is asked (give one file per split). Bad rows are counted and skipped, with a warning; a
   file whose share of bad rows exceeds ``max_bad_fraction`` is one error.
 * **Built-in corpora** (``spec = "builtin:NAME"``; :mod:`.corpora`): ``builtin:cmudict``
-  (grapheme→phoneme), ``builtin:uagec`` / ``builtin:uagec-fluency`` (Ukrainian grammatical error
+  (grapheme→phoneme), ``builtin:stress`` (lexical stress pattern) and ``builtin:spelling``
+  (spelling correction), both on CMUdict words held out of the pretrained miniature's corpus, ``builtin:uagec`` / ``builtin:uagec-fluency`` (Ukrainian grammatical error
   correction), ``builtin:django-<lang>`` (English→<lang> UI strings). Keep ``seed`` fixed across
   training seeds so that the evaluation sets do not change.
 """
@@ -46,7 +47,7 @@ def load_examples(spec: str, split: str, *, source_field: str = "source", target
     """Load one split of a corpus as ``[{"source": ..., "target": ...}, ...]`` plus a :class:`DataReport`.
 
     ``spec``: a path with one of :data:`SUFFIXES` (``{split}`` in it is replaced by the split name)
-    or ``builtin:cmudict`` / ``builtin:uagec`` / ``builtin:uagec-fluency`` /
+    or ``builtin:cmudict`` / ``builtin:stress`` / ``builtin:spelling`` / ``builtin:uagec`` / ``builtin:uagec-fluency`` /
     ``builtin:django-<lang>``. ``split``: train / validation / test (``valid``, ``val``, ``dev``
     also mean validation). ``prefix`` is prepended to every source (T5 task prefixes such as
     ``"translate English to German: "``) -- then generate with ``prefix=""``. ``max_examples``

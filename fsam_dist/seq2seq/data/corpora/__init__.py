@@ -4,7 +4,7 @@ Read from data files that ship inside PyPI packages -- only the files: no packag
 network, nothing cached on disk). Splits are assigned by a seeded BLAKE2b hash of a group key
 (the same on every run, machine and Python version), so they are disjoint by construction; every
 split is ordered by that hash, so ``max_examples=N`` takes a seeded random subset and the subsets
-are nested. One module per corpus: :mod:`.cmudict`, :mod:`.uagec`, :mod:`.django`.
+are nested. One module per corpus: :mod:`.cmudict`, :mod:`.heldout` (stress, spelling), :mod:`.uagec`, :mod:`.django`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 
 from ..report import DataReport
 
-TASKS = {"cmudict": "g2p", "uagec": "gec", "django": "translation"}
+TASKS = {"cmudict": "g2p", "uagec": "gec", "django": "translation", "spelling": "gec", "stress": "gec"}
 """Metric family per corpus (``eval.task: auto`` picks it): grapheme-to-phoneme, grammatical error
-correction, translation."""
+correction (spelling correction and the stress pattern are scored like it: exact match, chrF), translation."""
 
 
 class MissingPackageError(ImportError):
@@ -25,7 +25,7 @@ class MissingPackageError(ImportError):
 
 def builtin_names() -> list[str]:
     """The built-in corpus specs (django languages as a pattern)."""
-    return ["builtin:cmudict", "builtin:uagec", "builtin:uagec-fluency", "builtin:django-<lang>"]
+    return ["builtin:cmudict", "builtin:stress", "builtin:spelling", "builtin:uagec", "builtin:uagec-fluency", "builtin:django-<lang>"]
 
 
 def task_for_spec(spec: str) -> str | None:
@@ -35,6 +35,8 @@ def task_for_spec(spec: str) -> str | None:
         return TASKS["cmudict"]
     if spec.startswith("builtin:uagec"):
         return TASKS["uagec"]
+    if spec in ("builtin:spelling", "builtin:stress"):
+        return TASKS["spelling"]
     if spec.startswith("builtin:django-"):
         return TASKS["django"]
     return None
@@ -45,6 +47,12 @@ def load_builtin(name: str, split: str, seed: int) -> tuple[list[dict], DataRepo
     if name == "cmudict":
         from .cmudict import load
         return load(split, seed)
+    if name == "spelling":
+        from .heldout import load
+        return load(split, seed)
+    if name == "stress":
+        from .heldout import load_stress
+        return load_stress(split, seed)
     if name in ("uagec", "uagec-fluency"):
         from .uagec import load
         return load(split, seed, layer="gec-fluency" if name.endswith("fluency") else "gec-only")
