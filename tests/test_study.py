@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fsam_dist.study.harness import TASKS, Plan, main, markdown, run_config, score_run
+from fsam_dist.study.harness import DEFAULT_TASKS, TASKS, Plan, baseline_scores, main, markdown, run_config, score_run
 from fsam_dist.study.stats import paired, summary
 
 
@@ -58,6 +58,19 @@ def test_early_stopping_looks_at_validation_only(tmp_path):
     scores = score_run(tmp_path, TASKS["g2p"], n_val=2)
     assert scores["best_step"] == 10 and scores["val"] == 0.0 and scores["test"] == 100.0
     assert scores["final_test"] == 0.0 and scores["step_time"] == 0.5
+
+
+def test_no_model_baselines_are_scored_per_part(tmp_path):
+    # 2 validation rows then 1 test row of the stress task; the copy baseline of spelling on the same file.
+    rows = [("p r o f a n a t i o n", "2 0 1 0"), ("f u n n y", "1 0"), ("g l o r e", "1")]
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in rows))
+    scores = baseline_scores(TASKS["stress"], eval_file, n_val=2)
+    assert scores["vowel-groups"] == {"val": 50.0, "test": 100.0}      # "1 0 0 0" wrong, "1 0" and "1" right
+    assert set(scores) == {"majority", "vowel-groups"}
+    spelling = baseline_scores(TASKS["spelling"], eval_file, n_val=2)
+    assert spelling == {"copy": {"val": 0.0, "test": 0.0}}
+    assert "spelling" not in DEFAULT_TASKS and "text" not in TASKS     # tried and dropped: they do not learn here
 
 
 def test_quick_study_end_to_end(tmp_path, tiny_t5_dir):
