@@ -355,10 +355,20 @@ def run_study(plan: Plan, val_examples: int | None = None, test_examples: int | 
     print(f"study: {len(jobs)} runs in {plan.workers} worker process(es) -> {plan.out}", flush=True)
     done = 0
     if train and plan.workers > 1:
-        with multiprocessing.get_context("spawn").Pool(plan.workers) as pool:
-            for result in pool.imap_unordered(_run_one, jobs):
-                done += 1
-                _progress(done, len(jobs), result, start)
+        # A worker killed from outside (the out-of-memory killer) breaks the executor, which says
+        # so, where a multiprocessing.Pool would wait for its lost run forever.
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures.process import BrokenProcessPool
+
+        with ProcessPoolExecutor(plan.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                for future in as_completed([pool.submit(_run_one, job) for job in jobs]):
+                    done += 1
+                    _progress(done, len(jobs), future.result(), start)
+            except BrokenProcessPool:
+                raise SystemExit(f"study: a worker process died ({done} of {len(jobs)} runs finished; killed from "
+                                 f"outside, e.g. out of memory?). Run the same command again: finished runs are "
+                                 f"reused, unfinished ones start over.") from None
     elif train:
         for job in jobs:
             done += 1
