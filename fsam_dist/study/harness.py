@@ -319,7 +319,8 @@ def make_plan(args) -> Plan:
         for n in sizes[t.name]:
             steps[(t.name, n)] = args.steps or t.steps.get(n) or max(t.steps.values())
             every[(t.name, n)] = max(1, math.ceil(steps[(t.name, n)] / args.evals))
-    return Plan(model=args.model, out=args.out, tasks=tasks, methods=args.methods, seeds=list(range(args.seeds)),
+    seeds = list(dict.fromkeys(args.seed_list)) if getattr(args, "seed_list", None) else list(range(args.seeds))
+    return Plan(model=args.model, out=args.out, tasks=tasks, methods=args.methods, seeds=seeds,
                 sizes=sizes, steps=steps, eval_every=every, lr=args.lr, batch_size=args.batch_size,
                 mask_interval=args.mask_interval, workers=args.workers, rho=args.rho)
 
@@ -419,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"default {' '.join(DEFAULT_TASKS)} (spelling: tried, does not learn at this scale)")
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=None)
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (0, 1, ...)")
+    ap.add_argument("--seed-list", type=int, nargs="+", default=None,
+                    help="these seeds instead of 0 … --seeds − 1 (to split a study across processes or machines; "
+                         "give each its own --out, or they would train the same run at once)")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="training-set sizes (every task)")
     ap.add_argument("--steps", type=int, default=None, help="steps per run (default: per task and size)")
     ap.add_argument("--evals", type=int, default=3, help="evaluations per run (the early-stopping candidates)")
