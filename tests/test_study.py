@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from fsam_dist.study.harness import DEFAULT_TASKS, TASKS, Plan, baseline_scores, main, markdown, run_config, score_run
+from fsam_dist.study.harness import (DEFAULT_TASKS, TASKS, Plan, baseline_scores, main, make_plan, markdown, run_config,
+                                     score_run)
 from fsam_dist.study.stats import paired, summary
 
 
@@ -71,6 +72,20 @@ def test_no_model_baselines_are_scored_per_part(tmp_path):
     spelling = baseline_scores(TASKS["spelling"], eval_file, n_val=2)
     assert spelling == {"copy": {"val": 0.0, "test": 0.0}}
     assert "spelling" not in DEFAULT_TASKS and "text" not in TASKS     # tried and dropped: they do not learn here
+
+
+def test_seed_list_and_sizes_make_the_plan(tmp_path):
+    from argparse import Namespace
+
+    args = Namespace(tasks=["stress"], sizes=[300], steps=None, evals=5, model="m", out=tmp_path, methods=["adamw"],
+                     seeds=5, seed_list=[4, 3, 4], lr=1e-3, batch_size=16, mask_interval=50, workers=1, rho=None)
+    plan = make_plan(args)
+    assert plan.seeds == [4, 3] and plan.steps == {("stress", 300): 500} and plan.eval_every == {("stress", 300): 100}
+    args.seed_list = None
+    assert make_plan(args).seeds == [0, 1, 2, 3, 4]
+    args.sizes = [9500]
+    with pytest.raises(SystemExit, match="at most 9000"):
+        make_plan(args)
 
 
 def test_quick_study_end_to_end(tmp_path, tiny_t5_dir):
