@@ -399,7 +399,10 @@ def run_study(plan: Plan, val_examples: int | None = None, test_examples: int | 
               "runs": [{"task": k[0], "size": k[1], "method": k[2], "seed": k[3], **v} for k, v in scores.items()]}
     (plan.out / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     (plan.out / "results.md").write_text(markdown(rows))
-    plot(rows, plan.out / "results.png")
+    if rows:
+        plot(rows, plan.out / "results.png")
+    else:
+        print(f"study: no finished runs of this plan in {plan.out}", flush=True)
     return result
 
 
