@@ -14,7 +14,8 @@ path: ``train/loading.py`` (``load_for_backend``) then ``train/backends.py`` (``
 with the default FSDP2 settings or ``configs/deepspeed/zero3.json``. Per rank:
 
 * **baseline**: ``VmRSS`` after the process group, the imports and a meta-device build of the
-  model (so import costs do not count as loading);
+  model (ZeRO-3: and a 4 × 4 layer built under ``zero.Init``), so import and first-use costs do
+  not count as loading;
 * **model peak**: ``VmHWM`` (the kernel's exact high-water mark of resident memory) over
   ``load_for_backend`` alone, minus the baseline (ZeRO-3: the partitioned model is complete here;
   FSDP: rank 0's full model, meta modules elsewhere);
@@ -111,6 +112,10 @@ def _worker(rank: int, world: int, port: int, name: str, model_dir: str, steps: 
     config = AutoConfig.from_pretrained(model_dir)
     warm = meta_model(config)   # imports and first-use costs before the baseline
     del warm
+    if name == "zero3":   # zero.Init's own first-use costs (fixed, not the model's) too
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            warm = torch.nn.Linear(4, 4)
+        del warm
     dist.barrier()
     baseline = memory_status()["VmRSS"]
     reset_peak_rss()

@@ -106,6 +106,50 @@ def zero3_local(p: torch.nn.Parameter, rank: int):
     return start, weights[:n], grad.view(-1)[:n], grad
 
 
+def zero3_partition_writable(p: torch.nn.Parameter, world: int) -> bool:
+    """Whether :func:`zero3_scatter_into_partitions` may fill ``p``: a partitioned ZeRO-3 parameter
+    of a tested DeepSpeed, its padded partition in memory on every one of the ``world`` ranks of
+    the default group, no secondary (hpZ) or quantized copy to keep in step."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    try:
+        check_version(deepspeed.__version__)
+    except RuntimeError:
+        return False
+    part = getattr(p, "ds_tensor", None)
+    return (part is not None and getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE
+            and part.numel() == getattr(part, "ds_numel", -1) and part.is_floating_point()
+            and getattr(p, "ds_secondary_tensor", None) is None
+            and dist.get_world_size(group=getattr(p, "ds_process_group", None)) == world
+            and part.ds_numel * world >= p.ds_numel)
+
+
+def zero3_scatter_into_partitions(p: torch.nn.Parameter, value: torch.Tensor | None, rank: int, world: int) -> None:
+    """Rank 0's full ``value`` of ``p`` into every rank's partition (``p.ds_tensor``), each rank
+    receiving only its slice (one ``scatter``; padding untouched, as DeepSpeed leaves it): no rank
+    gathers the parameter. ``value`` is ignored on ranks ≠ 0. Check :func:`zero3_partition_writable`."""
+    import torch.distributed as dist
+
+    part = p.ds_tensor.view(-1)
+    size = part.numel()
+    chunks = None
+    if rank == 0:
+        flat = value.to(part.device, part.dtype).contiguous().view(-1)
+        chunks = []
+        for r in range(world):
+            piece = flat[r * size:(r + 1) * size]
+            if piece.numel() < size:   # the last ranks' padded partitions
+                piece = torch.cat([piece, piece.new_zeros(size - piece.numel())])
+            chunks.append(piece)
+    received = torch.empty_like(part)
+    dist.scatter(received, chunks, src=0)
+    n = max(0, min(size, p.ds_numel - rank * size))
+    with torch.no_grad():
+        part[:n].copy_(received[:n])
+
+
 def zero3_copy_masters(params) -> None:
     """bf16 partitions ← their fp32 masters (what ``step()`` does after the update): after the
     restore the master holds the exact original, whose bf16 rounding is the original partition."""
