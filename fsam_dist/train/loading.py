@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("fsam_dist")
 
 
 @dataclass
@@ -70,6 +73,8 @@ def load_for_backend(backend_name: str, ds_config: dict | None, rank: int, sourc
         loaded = Loaded(load_model(source))
     if gradient_checkpointing:
         enable_gradient_checkpointing(loaded.model)
+        layers = [m.gradient_checkpointing for m in loaded.model.modules() if hasattr(m, "gradient_checkpointing")]
+        log.info("gradient checkpointing on in %d of %d layers", sum(layers), len(layers))
     return loaded
 
 
