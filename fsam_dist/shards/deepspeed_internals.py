@@ -58,7 +58,9 @@ def check_engine(engine) -> None:
 # ``micro_step_id`` hold gradients accumulated since the last ``step()``; DeepSpeed's own overflow
 # path clears them the way :func:`zero12_clear_grads` does.
 # ZeRO-3: ``p.ds_tensor`` (local padded partition), ``p.ds_numel`` (unpadded numel),
-# ``optimizer.parameter_offload.partition_all_parameters()`` and ``optimizer.persistent_parameters``.
+# ``optimizer.parameter_offload.partition_all_parameters()`` and ``optimizer.persistent_parameters``;
+# loading (train/loading.py) writes ``p.ds_tensor`` of a parameter ``zero.Init`` partitioned
+# (``p.ds_status``, ``p.ds_tensor.ds_numel``, ``p.ds_secondary_tensor``, ``p.ds_process_group``).
 
 def zero12_fragment(p: torch.nn.Parameter):
     """(offset in p, fp32 master fragment, reduced gradient fragment) or None if not owned here."""
