@@ -114,8 +114,7 @@ def _worker(rank: int, world: int, port: int, name: str, model_dir: str, steps: 
     del warm
     if name == "zero3":   # zero.Init's own first-use costs (fixed, not the model's) too
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            warm = torch.nn.Linear(4, 4)
-        del warm
+            torch.nn.Linear(4, 4)
     dist.barrier()
     baseline = memory_status()["VmRSS"]
     reset_peak_rss()
