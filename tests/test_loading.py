@@ -125,9 +125,10 @@ def gathered_state(model) -> dict:
         return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def zero3_checks(rank: int, world: int, source: str, config, bin_dir: str, broken_dir: str) -> dict:
+def zero3_checks(rank: int, world: int, source: str, config, bin_dir: str, broken_dir: str, bart_dir: str) -> dict:
     """The ZeRO-3 loader beyond the weights: what ``from_pretrained`` also sets, the scatter
-    path really taken, a ``pytorch_model.bin`` checkpoint, a bad checkpoint, padded partitions."""
+    path really taken, a ``pytorch_model.bin`` checkpoint, a BART (tied embeddings, a persistent
+    buffer), a bad checkpoint, padded partitions."""
     import deepspeed
 
     from fsam_dist.seq2seq.model import ModelLoadError, load_model
@@ -146,6 +147,11 @@ def zero3_checks(rank: int, world: int, source: str, config, bin_dir: str, broke
         "names": [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()],
         "tied": model.lm_head.weight is model.shared.weight and model.encoder.embed_tokens.weight is model.shared.weight}
     out["bin"] = gathered_state(load_for_backend("deepspeed", config3, rank, bin_dir, config).model)
+    from transformers import AutoConfig
+
+    bart = load_for_backend("deepspeed", config3, rank, bart_dir, AutoConfig.from_pretrained(bart_dir)).model
+    out["bart"] = (gathered_state(bart), load_model(bart_dir).state_dict(),
+                   bart.lm_head.weight is bart.model.shared.weight is bart.model.encoder.embed_tokens.weight)
     try:
         load_for_backend("deepspeed", config3, rank, broken_dir, config)
         out["broken"] = None
@@ -162,7 +168,7 @@ def zero3_checks(rank: int, world: int, source: str, config, bin_dir: str, broke
     return out
 
 
-def loading_suite(rank: int, world: int, model_dir: str, bin_dir: str, broken_dir: str) -> dict:
+def loading_suite(rank: int, world: int, model_dir: str, bin_dir: str, broken_dir: str, bart_dir: str) -> dict:
     """Every variant's results on this rank (see the module docstring)."""
     from fsam_dist.seq2seq.model import load_config_and_tokenizer, load_model
     from fsam_dist.train.fsdp_wrap import wrap_fsdp
@@ -171,7 +177,7 @@ def loading_suite(rank: int, world: int, model_dir: str, bin_dir: str, broken_di
     init_deepspeed()
     source, config, _ = load_config_and_tokenizer(model_dir)
     out: dict = {"checkpoint": {k: v.clone() for k, v in load_model(source).state_dict().items()}}
-    out["z3-checks"] = zero3_checks(rank, world, source, config, bin_dir, broken_dir)
+    out["z3-checks"] = zero3_checks(rank, world, source, config, bin_dir, broken_dir, bart_dir)
 
     # ---- loading: efficient path vs every rank loading everything ---------------------------
     for kind in ("z3", "fsdp1", "fsdp2"):
@@ -240,13 +246,14 @@ def sharded_t5_dir(root, data: dict) -> str:
     return str(out)
 
 
-def variant_dirs(model_dir: str, root) -> tuple[str, str]:
+def variant_dirs(model_dir: str, root) -> tuple[str, str, str]:
     """The same model as one ``pytorch_model.bin`` (every tied name saved, as torch.save writes
-    it), and a broken copy: ``encoder.final_layer_norm.weight`` dropped, ``extra.weight`` added."""
+    it); a broken copy: ``encoder.final_layer_norm.weight`` dropped, ``extra.weight`` added; a
+    small random BART (sharded, its ``final_logits_bias`` buffer random, not zero)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
-    from transformers import T5ForConditionalGeneration
+    from transformers import BartConfig, BartForConditionalGeneration, T5ForConditionalGeneration
 
     bin_dir, broken_dir = root / "bin", root / "broken"
     for target in (bin_dir, broken_dir):
@@ -264,7 +271,14 @@ def variant_dirs(model_dir: str, root) -> tuple[str, str]:
     del index["weight_map"]["encoder.final_layer_norm.weight"]
     index["weight_map"]["extra.weight"] = shard.name
     (broken_dir / "model.safetensors.index.json").write_text(json.dumps(index))
-    return str(bin_dir), str(broken_dir)
+    torch.manual_seed(5)
+    bart = BartForConditionalGeneration(BartConfig(
+        vocab_size=67, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=33))
+    with torch.no_grad():
+        bart.final_logits_bias.normal_()
+    bart.save_pretrained(root / "bart", max_shard_size="10KB")
+    return str(bin_dir), str(broken_dir), str(root / "bart")
 
 
 @pytest.fixture(scope="module")
@@ -306,8 +320,8 @@ def test_zero3_loader_is_from_pretrained_without_the_full_state_dict(two_ranks):
     """ZeRO-3 streams the checkpoint into the partitions (every parameter through the scatter,
     none gathered) and leaves what ``from_pretrained`` leaves: config, generation config, class,
     eval mode, names, ties; a ``pytorch_model.bin`` loads the same weights; a checkpoint with a
-    missing and an unexpected key fails on every rank naming both; padded partitions are filled
-    exactly (the T5 above splits evenly in 2)."""
+    missing and an unexpected key fails on every rank naming both; a BART's weights, ties and
+    buffer arrive; padded partitions are filled exactly (the T5 above splits evenly in 2)."""
     checkpoint = two_ranks[0]["checkpoint"]
     for r, result in enumerate(two_ranks):
         checks = result["z3-checks"]
@@ -319,6 +333,9 @@ def test_zero3_loader_is_from_pretrained_without_the_full_state_dict(two_ranks):
         assert "unexpected: extra.weight" in checks["broken"], checks["broken"]
         got, expected = checks["odd"]
         assert_same(got, expected, f"rank {r}: padded partitions")
+        got, expected, tied = checks["bart"]
+        assert_same(got, expected, f"rank {r}: BART")
+        assert tied and expected["final_logits_bias"].abs().sum() > 0, f"rank {r}: BART ties / buffer"
 
 
 @pytest.mark.parametrize("version", [1, 2])
