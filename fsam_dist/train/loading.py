@@ -5,13 +5,17 @@ Chosen automatically from the backend (no flag):
 * ZeRO-3: the model is built from its config inside ``deepspeed.zero.Init`` (transformers' own
   ``from_pretrained`` init contexts under a live ``HfDeepSpeedConfig``: every parameter is
   partitioned as it is created, no weight initialisation), then rank 0 streams the checkpoint
-  tensor by tensor (``safetensors.safe_open``, read with ``pread``) into one gathered parameter at
-  a time (``deepspeed.zero.GatheredParameters(modifier_rank=0)``), which DeepSpeed re-partitions at
-  once; persistent buffers are broadcast from rank 0. No rank holds more than its partition plus
-  one parameter (two on rank 0: the tensor read and the gathered one). transformers' own ZeRO-3
-  ``from_pretrained`` reads the whole state dict into rank 0's memory first (1.29 × the fp32 model
-  at 738 M parameters, bench/README.md). A ``pytorch_model.bin`` checkpoint (no per-tensor reads)
-  is loaded whole on rank 0, one file of a sharded one at a time;
+  tensor by tensor (``safetensors.safe_open``, read with ``pread``) and scatters each tensor, every
+  rank writing only its partition of it (``p.ds_tensor``, via
+  :mod:`fsam_dist.shards.deepspeed_internals`; a parameter partitioned otherwise goes through
+  ``deepspeed.zero.GatheredParameters(modifier_rank=0)``); persistent buffers are broadcast from
+  rank 0. No rank holds more than its partition plus one tensor's partition, rank 0 also the one
+  tensor it read: 0.44 × the fp32 model on rank 0 at 24 M parameters (tests/test_loading.py),
+  where transformers' own ZeRO-3 ``from_pretrained`` reads the whole state dict into rank 0's
+  memory first (1.29 × at 738 M, bench/README.md). A ``pytorch_model.bin`` checkpoint (no
+  per-tensor reads) is loaded whole on rank 0, one file of a sharded one at a time. Missing,
+  unexpected (beyond the model's ``_keys_to_ignore_on_load_*``) and mis-shaped keys are one error
+  on every rank, before any weight moves;
 * FSDP1 / FSDP2: rank 0 reads the checkpoint (``from_pretrained``), the other ranks build the same
   module on the meta device (no storage); :func:`~fsam_dist.train.fsdp_wrap.wrap_fsdp` with
   ``from_rank0=True`` then materialises each rank's shards and broadcasts the values from rank 0
