@@ -9,8 +9,9 @@ Chosen automatically from the backend (no flag):
   rank writing only its partition of it (``p.ds_tensor``, via
   :mod:`fsam_dist.shards.deepspeed_internals`; a parameter partitioned otherwise goes through
   ``deepspeed.zero.GatheredParameters(modifier_rank=0)``); persistent buffers are broadcast from
-  rank 0. No rank holds more than its partition plus one tensor's partition, rank 0 also the one
-  tensor it read: 0.44 × the fp32 model on rank 0 at 24 M parameters (tests/test_loading.py),
+  rank 0. Beyond its partition a rank holds one module at a time while the model is built and
+  one tensor's partition while it loads, rank 0 also the tensor it read: 0.44 × the fp32 model on
+  rank 0 at 24 M parameters (tests/test_loading.py),
   where transformers' own ZeRO-3 ``from_pretrained`` reads the whole state dict into rank 0's
   memory first (1.29 × at 738 M, bench/README.md). A ``pytorch_model.bin`` checkpoint (no
   per-tensor reads) is loaded whole on rank 0, one file of a sharded one at a time. Missing,
