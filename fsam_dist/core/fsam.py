@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .comm import global_sums
+from .comm import communicates, global_sums
 from .looksam import add_sharpness_component, sharpness_component
 from .masks import Mask, with_positions
 from .norms import fp64_total, grad_norm, sumsq
@@ -128,17 +128,21 @@ def _as_mask(mask, numel: int) -> Mask:
 
 
 def _sums_and_mask(view: ShardView, mask: Mask | None, find_nonzero: bool, adaptive: bool,
-                   parts: tuple[list, list, list]) -> Mask | None:
+                   parts: tuple[list, list, list], full_only: bool = False) -> Mask | None:
     """One fused pass over a view: append its per-chunk fp32 partials of [Σ normed² over every
     entry, Σ normed² over the mask (eligible views), Σ direction² over the perturbed entries] to
     ``parts`` (normed: g, or |w| ⊙ g for ASAM; direction: g, or |w|² ⊙ g). Each chunk's gradient
     is read once from memory; the masked entries are gathered from it while it is in cache.
 
     ``find_nonzero``: an excluded view perturbed densely where g ≠ 0 -- its mask is found in the
-    same pass and returned. No host sync except that ``nonzero``."""
+    same pass and returned. No host sync except that ``nonzero``.
+
+    ``full_only``: only the first sum (the other two are taken from the perturbed entries in
+    :func:`perturb`, which gathers them anyway): no positions are derived here."""
     full_parts, masked_parts, direction_parts = parts
     found = [] if find_nonzero else None
-    selections = mask.by_chunk() if mask is not None else ((s, e, None) for s, e in chunks(view.numel))
+    selections = mask.by_chunk() if mask is not None and not full_only else \
+        ((s, e, None) for s, e in chunks(view.numel))
     for start, end, sel in selections:
         g = view.grad[start:end]
         w = view.weights[start:end] if adaptive else None
@@ -153,7 +157,7 @@ def _sums_and_mask(view: ShardView, mask: Mask | None, find_nonzero: bool, adapt
             elif nonzero:
                 sel = torch.nonzero(flags).reshape(-1).add_(start)
             found.append(sel)
-        if sel is None:
+        if sel is None or full_only:
             continue
         if isinstance(sel, slice):
             inside, picked_g, picked_w = full, g, w
@@ -257,16 +261,25 @@ def _scatter(pieces: list, values: torch.Tensor) -> None:
             view.weights.scatter_(0, sel, values[a:a + n])
 
 
-def _perturb_group(pieces: list, total: int, scale: float, adaptive: bool, encode: bool) -> _Group:
+def _perturb_group(pieces: list, total: int, scale: float, adaptive: bool, encode: bool,
+                   parts: tuple[list, list] | None = None) -> _Group:
     """w ← w + e on a group of pieces ``(view, chunk, sel, offset, entries)``: gather, one
     elementwise pass and (``encode``) one codec call over the buffer, scatter. Without
-    ``encode`` the gathered originals are kept as they are (no codec work, no read-back)."""
+    ``encode`` the gathered originals are kept as they are (no codec work, no read-back).
+    ``parts``: append the group's fp32 partials of [Σ normed² (eligible views only), Σ direction²]."""
     first = pieces[0][0]
     original = _gather(pieces, total, lambda v: v.weights, first.weights.dtype)
     if len(pieces) == 1 and isinstance(pieces[0][2], slice):
         original = original.clone()   # a slice is a view of the weights: keep the values
     grad = _gather(pieces, total, lambda v: v.grad, first.grad.dtype)
-    e = (_direction(grad, original, adaptive) * scale).to(original.dtype)
+    direction = _direction(grad, original, adaptive)
+    if parts is not None:
+        normed = _normed(grad, original, adaptive)
+        inside = torch.dot(normed, normed)
+        if first.eligible:
+            parts[0].append(inside)
+        parts[1].append(torch.dot(direction, direction) if adaptive else inside)
+    e = (direction * scale).to(original.dtype)
     new = original + e
     _scatter(pieces, new)
     return _Group([(view.key, c, a, n) for view, c, _, a, n in pieces],
@@ -292,6 +305,11 @@ def perturb(views: list[ShardView], masks: dict, *, rho: float, eps: float, norm
     """
     plan = []   # (view, mask of the entries perturbed)
     parts = ([], [], [])   # per-chunk fp32 partials: ‖normed‖² full, over the mask, ‖direction‖² perturbed
+    # Nothing to communicate and the full norm: only ‖g‖ is needed before the perturbation; the
+    # sums over the masked / perturbed entries (for ‖e‖) are taken from the entries the
+    # perturbation gathers anyway, so the norm pass derives no positions (one host sync more,
+    # after the loop). A communicating group reduces all of them in the one all-reduce.
+    later = norm == "full" and not communicates(group)
     for view in views:
         mask, find = None, False
         if view.eligible:
@@ -303,7 +321,7 @@ def perturb(views: list[ShardView], masks: dict, *, rho: float, eps: float, norm
                 mask = Mask.full(view.numel, view.weights.device)
             else:
                 find = True
-        mask = _sums_and_mask(view, mask, find, adaptive, parts)
+        mask = _sums_and_mask(view, mask, find, adaptive, parts, full_only=later)
         if mask is not None and mask.kind != "none":
             plan.append((view, mask))
     device = views[0].grad.device if views else torch.device("cpu")
@@ -314,6 +332,7 @@ def perturb(views: list[ShardView], masks: dict, *, rho: float, eps: float, norm
     scale = rho / (n + eps)
     result = Perturbation(grad_norm=math.sqrt(full), perturbation_norm=scale * math.sqrt(perturbed),
                           extra=sums[3:])
+    later_parts = ([], []) if later else None
     streams: dict = {}   # views whose entries may share a buffer; excluded ones first (see below)
     for view, mask in sorted(plan, key=lambda item: item[0].eligible):
         kind = (view.eligible, view.weights.dtype, view.grad.dtype, view.weights.device)
@@ -332,7 +351,7 @@ def perturb(views: list[ShardView], masks: dict, *, rho: float, eps: float, norm
         nonlocal spent, rest
         rest -= total * pieces[0][0].weights.element_size()
         group = _perturb_group(pieces, total, scale, adaptive, encode=spent + rest + total *
-                               pieces[0][0].weights.element_size() > budget)
+                               pieces[0][0].weights.element_size() > budget, parts=later_parts)
         spent += group.saved.nbytes
         result.groups.append(group)
 
@@ -353,6 +372,8 @@ def perturb(views: list[ShardView], masks: dict, *, rho: float, eps: float, norm
                     total += count
             if pieces:
                 flush(pieces, total)
+    if later:
+        result.perturbation_norm = scale * math.sqrt(float(_total(later_parts[1])))
     return result
 
 
