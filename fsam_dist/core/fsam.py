@@ -268,8 +268,9 @@ def _perturb_group(pieces: list, total: int, scale: float, adaptive: bool, encod
     ``encode`` the gathered originals are kept as they are (no codec work, no read-back).
     ``parts``: append the group's fp32 partials of [Σ normed² (eligible views only), Σ direction²]."""
     first = pieces[0][0]
+    dense = len(pieces) == 1 and isinstance(pieces[0][2], slice)   # one dense range: in place
     original = _gather(pieces, total, lambda v: v.weights, first.weights.dtype)
-    if len(pieces) == 1 and isinstance(pieces[0][2], slice):
+    if dense:
         original = original.clone()   # a slice is a view of the weights: keep the values
     grad = _gather(pieces, total, lambda v: v.grad, first.grad.dtype)
     direction = _direction(grad, original, adaptive)
@@ -280,8 +281,12 @@ def _perturb_group(pieces: list, total: int, scale: float, adaptive: bool, encod
             parts[0].append(inside)
         parts[1].append(torch.dot(direction, direction) if adaptive else inside)
     e = (direction * scale).to(original.dtype)
-    new = original + e
-    _scatter(pieces, new)
+    if dense:
+        new = first.weights[pieces[0][2]]
+        new.add_(e)
+    else:
+        new = original + e
+        _scatter(pieces, new)
     return _Group([(view.key, c, a, n) for view, c, _, a, n in pieces],
                   save(original, new) if encode else Saved(values=original))
 
