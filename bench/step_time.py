@@ -216,6 +216,18 @@ def run_single(args) -> dict:
             start = _clock()
             empirical_fisher(backend, seq2seq_loss_sum, examples, batched=batched)
             out[key] = _clock() - start
+        # The floor of any per-example method: one forward+backward of the same N_F examples in
+        # micro-batches of --micro (the summed gradient only), in eval mode like the Fisher.
+        backend.model.eval()
+        start = _clock()
+        for i in range(0, len(examples), args.micro):
+            part = examples[i:i + args.micro]
+            backend.zero_grad()
+            backend.forward_backward(seq2seq_loss_sum, {k: torch.cat([e[k] for e in part]) for k in part[0]},
+                                     1.0, last=True)
+        out["fisher floor"] = _clock() - start
+        backend.zero_grad()
+        backend.model.train()
     return out
 
 
@@ -236,7 +248,8 @@ def _single_table(r: dict, args) -> None:
     print(f"\nMask refresh (global top-k of g², {r['local'] / 1e6:.2f} M entries): {r['refresh'] * 1e3:.0f} ms = "
           f"{r['refresh'] / args.mask_interval / f:.2%} of an FSAM step amortised over {args.mask_interval} steps")
     for key, what in (("fisher loop", "one backward per example"), ("fisher", "batched (torch.func), 1st call"),
-                      ("fisher again", "batched, 2nd call")):
+                      ("fisher again", "batched, 2nd call"),
+                      ("fisher floor", f"floor: one forward+backward of the examples in micro-batches of {args.micro}")):
         if key in r:
             print(f"Empirical Fisher, N_F = {args.fisher_examples}, {what}: {r[key] * 1e3:.0f} ms per refresh = "
                   f"{r[key] / args.mask_interval / f:.2%} of an FSAM step amortised over {args.mask_interval} steps")
