@@ -219,7 +219,7 @@ def topk_mask(ctx: Context) -> dict:
                 want[torch.sort(x, descending=True, stable=True).indices[:k]] = True
                 row["exact_vs_stable_sort"] = bool(torch.equal(mask, want))
                 ok &= row["exact_vs_stable_sort"]
-            del x
+            x = None   # free it before the next size (the lambdas above have run)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as err:   # e.g. kthvalue's limits at 1e9
             row["note"] = "out of memory" if isinstance(err, torch.cuda.OutOfMemoryError) else str(err)[:120]
             ok &= "select_s" in row or isinstance(err, torch.cuda.OutOfMemoryError)   # the select itself failed

@@ -86,7 +86,7 @@ def _worker(rank: int, world: int, port: int, name: str, model_dir: str, steps: 
     from fsam_dist.core import FSAM
     from fsam_dist.seq2seq.model import load_model
     from fsam_dist.train import distributed
-    from fsam_dist.train.backends import build_backend, deepspeed_config
+    from fsam_dist.train.backends import build_backend, deepspeed_config, fill_hidden_sized
     from fsam_dist.train.loading import load_for_backend, meta_model
     from fsam_dist.train.loss import count_target_tokens, seq2seq_loss_sum
     from fsam_dist.train.step import train_step
@@ -109,6 +109,8 @@ def _worker(rank: int, world: int, port: int, name: str, model_dir: str, steps: 
         ds_config = deepspeed_config(cfg, world)
     env = distributed.detect_env()
     config = AutoConfig.from_pretrained(model_dir)
+    if ds_config is not None:
+        ds_config = fill_hidden_sized(ds_config, config, cfg.backend.deepspeed_config)
     warm = meta_model(config)   # imports and first-use costs before the baseline
     del warm
     dist.barrier()

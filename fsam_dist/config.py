@@ -236,7 +236,9 @@ class BackendConfig(_Section):
     deepspeed_config: str | None = None
     """DeepSpeed JSON (configs/deepspeed/zero{0,1,2,3}.json). Batch sizes, accumulation,
     precision and gradient clipping are filled from train.* / optim.*; a value there that
-    disagrees is an error."""
+    disagrees is an error. "auto" bucket sizes (reduce_bucket_size, stage3_prefetch_bucket_size,
+    stage3_param_persistence_threshold) are sized from the model's hidden size, as Hugging Face's
+    Trainer does."""
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: auto = nccl with CUDA, gloo without."""
     timeout_minutes: float = Field(10.0, gt=0)

@@ -262,7 +262,7 @@ def test_checkpoint_of_another_backend_family_is_refused_before_the_process_grou
 
 # ---- 3. real processes: resume at 3 and at 1 rank == the uninterrupted 2-rank run -----------------
 
-from .test_reliability import BIN, PYTHON, TRAIN, launch, micro_model, ok, write_config  # noqa: E402,F401
+from .test_reliability import BIN, PYTHON, TRAIN, micro_model, ok, write_config  # noqa: E402,F401  (micro_model: a fixture)
 from .helpers import free_port  # noqa: E402
 
 STEPS, SAVE_AT, GLOBAL, MASK_INTERVAL = 5, 3, 6, 2
@@ -322,7 +322,6 @@ def global_mask(ckpt: Path) -> dict[int, bool]:
 def elastic_case(kind: str, elastic_root: Path, model_dir: str, data: dict, worlds=(3, 1)) -> dict:
     """The uninterrupted 2-rank run, then its step-SAVE_AT checkpoint (the reference's own) resumed at
     each of ``worlds``: one launch per world size."""
-    from .test_reliability import Run  # noqa: F401
 
     cfg = _config_for(elastic_root, f"{kind}-2", model_dir, data, kind)
     runs = {2: ok(_launch(kind, cfg, 2))}
@@ -359,7 +358,7 @@ def check_elastic(kind: str, runs: dict) -> None:
         if n == 2:
             continue
         ok(run)
-        assert f"resumed from" in run.output and f"at step {SAVE_AT}" in run.output
+        assert "resumed from" in run.output and f"at step {SAVE_AT}" in run.output
         assert f"train.grad_accum_steps 3 → {GLOBAL // n}" in run.output, run.output[-3000:]
         records = {r["step"]: r for r in run.records}
         assert sorted(records) == list(range(SAVE_AT + 1, STEPS + 1))   # only the checkpoint was copied

@@ -171,6 +171,25 @@ def test_bf16_deepspeed_json_accumulates_gradients_in_fp32(tmp_path):
     assert deepspeed_config(cfg(explicit, "bf16"), 2)["data_types"]["grad_accum_dtype"] == "bf16"
 
 
+def test_zero3_json_sizes_its_buckets_from_the_models_hidden_size():
+    """The shipped ZeRO-3 JSON's "auto" buckets are filled as Hugging Face's Trainer fills them
+    (DeepSpeed's default reduce bucket is 5e8 elements whatever the model: 2 GB fp32 per rank)."""
+    from types import SimpleNamespace
+
+    from fsam_dist.config import ConfigError
+    from fsam_dist.train.backends import fill_hidden_sized
+
+    shipped = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
+    zero = fill_hidden_sized(shipped, SimpleNamespace(hidden_size=1024), "zero3.json")["zero_optimization"]
+    assert zero == {"stage": 3, "reduce_bucket_size": 1024 ** 2, "stage3_prefetch_bucket_size": int(0.9 * 1024 ** 2),
+                    "stage3_param_persistence_threshold": 10240}
+    assert shipped["zero_optimization"]["reduce_bucket_size"] == "auto"   # the input is not changed
+    explicit = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 5e7}}
+    assert fill_hidden_sized(explicit, SimpleNamespace(hidden_size=1024), "x.json") == explicit
+    with pytest.raises(ConfigError, match="zero_optimization.reduce_bucket_size.*hidden_size"):
+        fill_hidden_sized(shipped, SimpleNamespace(), "zero3.json")
+
+
 def test_zero3_publish_waits_for_the_current_stream_on_a_gpu(monkeypatch):
     from fsam_dist.shards.deepspeed_internals import zero3_publish
 

@@ -218,7 +218,7 @@ def test_slurm_time_limit_signal_checkpoints_then_the_next_sbatch_continues(slur
     hook = step_delay_hook(tmp_path / "hook", CHAIN_STEP_DELAY)
     jobs, logs = [], []
     while not (run / "final").exists():
-        assert len(jobs) < 4, f"the chain did not finish in 4 jobs:\n" + "\n".join(logs)
+        assert len(jobs) < 4, "the chain did not finish in 4 jobs:\n" + "\n".join(logs)
         job = _submit_chain(slurm_cluster, tmp_path, cfg, run, 2, ["--time=3", "--signal=USR1@120"],
                             **(hook if not jobs else {}))
         record = slurm_cluster.wait(job, timeout=300)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from .helpers import run_distributed, split_batch, state, synthetic_batch, tiny_t5
-from .parity import assert_not_parity, assert_parity, parity_errors, worst_relative
+from .parity import assert_not_parity, assert_parity
 from .reference_fsam import NaiveFSAM, first_k, perturbation, topk_mask
 
 STEPS, GLOBAL_BATCH, MICRO, LR = 10, 12, 2, 1e-2

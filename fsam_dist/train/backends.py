@@ -153,6 +153,28 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return ds
 
 
+HIDDEN_SIZED = {"reduce_bucket_size": lambda h: h * h,
+                "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+                "stage3_param_persistence_threshold": lambda h: 10 * h}
+"""``zero_optimization`` keys whose ``"auto"`` is sized from the model's hidden size h, as Hugging
+Face's Trainer sizes them (DeepSpeed's own default reduce bucket, 5e8 elements, is a 2 GB fp32
+buffer per rank whatever the model)."""
+
+
+def fill_hidden_sized(ds_config: dict, model_config, path: str) -> dict:
+    """``ds_config`` with the ``"auto"`` values of :data:`HIDDEN_SIZED` filled from
+    ``model_config.hidden_size`` (T5/BART: ``d_model``); an error naming the key if the model has none."""
+    zero = ds_config.get("zero_optimization", {})
+    auto = [key for key in HIDDEN_SIZED if zero.get(key) == "auto"]
+    if not auto:
+        return ds_config
+    hidden = getattr(model_config, "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise ConfigError(f"{path}: zero_optimization.{auto[0]} is \"auto\", which is sized from the model's "
+                          "hidden size, but the model config has no hidden_size; set a number")
+    return {**ds_config, "zero_optimization": {**zero, **{key: HIDDEN_SIZED[key](hidden) for key in auto}}}
+
+
 def _zero_option_on(value) -> bool:
     """Whether a zero_optimization entry turns its feature on (offload: a device other than none;
     hpZ: a partition size above 1; the quantization switches: true)."""

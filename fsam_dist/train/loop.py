@@ -18,7 +18,7 @@ import torch
 
 from ..config import Config, ConfigError
 from . import checkpoint, distributed, faults, signals
-from .backends import build_backend, preflight, resolve_backend
+from .backends import build_backend, fill_hidden_sized, preflight, resolve_backend
 from .batches import GlobalBatches
 from .elastic import keep_global_batch
 from .evaluate import evaluate
@@ -73,6 +73,8 @@ def prepare(cfg: Config) -> Prepared:
         source, model_config, tokenizer = load_config_and_tokenizer(cfg.model.name_or_path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path: {err}") from None
+    if ds_config is not None:
+        ds_config = fill_hidden_sized(ds_config, model_config, cfg.backend.deepspeed_config)
     try:
         examples, report = load_examples(cfg.data.train_file, "train", source_field=cfg.data.source_field,
                                          target_field=cfg.data.target_field, prefix=cfg.data.prefix,
