@@ -14,7 +14,8 @@ path: ``train/loading.py`` (``load_for_backend``) then ``train/backends.py`` (``
 with the default FSDP2 settings or ``configs/deepspeed/zero3.json``. Per rank:
 
 * **baseline**: ``VmRSS`` after the process group, the imports and a meta-device build of the
-  model (so import costs do not count as loading);
+  model (ZeRO-3: and a 4 × 4 layer built under ``zero.Init``), so import and first-use costs do
+  not count as loading;
 * **model peak**: ``VmHWM`` (the kernel's exact high-water mark of resident memory) over
   ``load_for_backend`` alone, minus the baseline (ZeRO-3: the partitioned model is complete here;
   FSDP: rank 0's full model, meta modules elsewhere);
@@ -44,7 +45,11 @@ import torch
 
 from .common import free_port, memory_status, reset_peak_rss, set_rank_env
 
-SHAPES = {"t5-large": (1024, 24, 16, 32128, 4096), "t5-base": (768, 12, 12, 32128, 3072)}
+LIVE_PARAMETERS = 10 ** 8
+"""ZeRO-3's stage3_max_live_parameters and stage3_max_reuse_distance in this bench (see _worker)."""
+
+SHAPES = {"t5-large": (1024, 24, 16, 32128, 4096), "t5-base": (768, 12, 12, 32128, 3072),
+          "t5-1b": (1280, 24, 20, 32128, 5120)}   # 1.14 B: between t5-large and t5-3b
 """name → (d_model, layers, heads, vocab, d_ff)."""
 
 
@@ -76,7 +81,8 @@ def _batch(rank: int, step: int) -> dict:
             "labels": torch.randint(2, 100, (1, 16), generator=g)}
 
 
-def _worker(rank: int, world: int, port: int, name: str, model_dir: str, steps: int, plain: bool, queue) -> None:
+def _worker(rank: int, world: int, port: int, name: str, model_dir: str, steps: int, plain: bool, queue,
+            precision: str = "fp32") -> None:
     set_rank_env(rank, world, port)
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -97,7 +103,7 @@ def _worker(rank: int, world: int, port: int, name: str, model_dir: str, steps: 
         "model": {"name_or_path": model_dir}, "data": {"train_file": "unused (batches are made here)"},
         "backend": {"name": backend_name, **({"deepspeed_config": "configs/deepspeed/zero3.json"}
                                               if name == "zero3" else {})},
-        "optim": {"lr": 1e-4, "clip_grad_norm": 1.0}, "train": {"micro_batch_size": 1, "max_steps": max(1, 2 * steps)}})
+        "optim": {"lr": 1e-4, "clip_grad_norm": 1.0}, "train": {"micro_batch_size": 1, "max_steps": max(1, 2 * steps), "precision": precision}})
     ds_config = None
     if name == "zero3":
         import deepspeed
@@ -111,8 +117,16 @@ def _worker(rank: int, world: int, port: int, name: str, model_dir: str, steps: 
     config = AutoConfig.from_pretrained(model_dir)
     if ds_config is not None:
         ds_config = fill_hidden_sized(ds_config, config, cfg.backend.deepspeed_config)
+        # DeepSpeed keeps up to stage3_max_live_parameters (default 1e9: the whole 738 M model)
+        # gathered and reuses them within stage3_max_reuse_distance (1e9): 4 ranks holding every
+        # gathered layer do not fit this 24 GiB machine. 1e8 (400 MB fp32) bounds the transients.
+        ds_config["zero_optimization"].update(stage3_max_live_parameters=LIVE_PARAMETERS,
+                                              stage3_max_reuse_distance=LIVE_PARAMETERS)
     warm = meta_model(config)   # imports and first-use costs before the baseline
     del warm
+    if name == "zero3":   # zero.Init's own first-use costs (fixed, not the model's) too
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            torch.nn.Linear(4, 4)
     dist.barrier()
     baseline = memory_status()["VmRSS"]
     reset_peak_rss()
@@ -146,7 +160,7 @@ def _worker(rank: int, world: int, port: int, name: str, model_dir: str, steps: 
     dist.destroy_process_group()
 
 
-def measure(model_dir: str, name: str, world: int, steps: int = 0, plain: bool = False,
+def measure(model_dir: str, name: str, world: int, steps: int = 0, plain: bool = False, precision: str = "fp32",
             timeout: float = 3600) -> list[dict]:
     """Per-rank results (sorted by rank) of one backend ('zero3' | 'fsdp2') in ``world`` fresh processes."""
     import queue as queues
@@ -156,7 +170,7 @@ def measure(model_dir: str, name: str, world: int, steps: int = 0, plain: bool =
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, name, model_dir, steps, plain, queue))
+    procs = [ctx.Process(target=_worker, args=(r, world, port, name, model_dir, steps, plain, queue, precision))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -196,12 +210,14 @@ def _median(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", required=True, help="model directory (written by --create)")
-    parser.add_argument("--create", help="write a random model of this shape first: t5-large, t5-base, "
+    parser.add_argument("--create", help="write a random model of this shape first: t5-large, t5-base, t5-1b, "
                                        "small:<d_model>,<layers>,<vocab>")
     parser.add_argument("--world", type=int, default=4)
     parser.add_argument("--backends", nargs="+", default=["zero3", "fsdp2"], choices=["zero3", "fsdp2"])
     parser.add_argument("--steps", type=int, default=2, help="AdamW steps, then FSAM steps (first is a warm-up)")
     parser.add_argument("--plain", action="store_true", help="every rank loads the whole model (old path)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="train.precision (bf16: ZeRO-3 holds bf16 partitions next to its fp32 master)")
     args = parser.parse_args()
     if args.create:
         numel = make_model(args.create, args.dir)
@@ -213,7 +229,7 @@ def main() -> None:
           "| load (s) | AdamW step (s) | FSAM step (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.backends:
-        for r in measure(args.dir, name, args.world, args.steps, args.plain):
+        for r in measure(args.dir, name, args.world, args.steps, args.plain, args.precision):
             print(f"| {name}{' (plain)' if args.plain else ''} | {r['rank']} | {r['model_peak'] / size:.2f} | "
                   f"{r['load_peak'] / gib:.2f} | "
                   f"{r['load_peak'] / size:.2f} | {r['step_peak'] / gib if args.steps else float('nan'):.2f} | "

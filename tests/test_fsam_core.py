@@ -381,20 +381,112 @@ def test_restore_is_exact_and_small(rho):
     before = [v.weights.clone() for v in views]
     mask = torch.rand(n, generator=g) < 0.1
     mask[:10] = True
-    p = perturb(views, {("p0", 0): mask}, rho=rho, eps=1e-12, norm="full", excluded_mode="dense", adaptive=False)
+    p = perturb(views, {("p0", 0): mask}, rho=rho, eps=1e-12, norm="full", excluded_mode="dense", adaptive=False,
+                state_budget=0.0)   # the codec on every group
     assert any(not torch.equal(v.weights, b) for v, b in zip(views, before)), "nothing was perturbed"
     restore(views, p)
     for v, b in zip(views, before):
         assert torch.equal(v.weights.view(torch.int32), b.view(torch.int32)), "restore is not bit-exact"
     perturbed = int(mask.sum())
-    kinds = {("values" if c.values is not None else 8 * c.low.shape[1]) for c in p.saved[("p0", 0)][1]}
-    assert p.saved[("p1", n)][1][0].values is not None   # a small view keeps its values
+    kinds = {("values" if c.values is not None else 8 * c.low.shape[1]) for c in p.saved_of(("p0", 0))}
+    assert p.saved_of(("p1", n))[0].values is not None   # a small view keeps its values
     large = p.nbytes - 4 * 1000
     if rho < 1:
         assert large < 3.2 * perturbed and "values" not in kinds, (large, kinds)   # low 16/24 bits
     else:
         assert "values" in kinds, kinds   # ‖e‖ ~ |w|: the plain values are cheapest
     assert large <= 4 * perturbed + 8 * 3, large             # never worse than the values
+
+
+def _many_views(seed: int = 5, adaptive: bool = False):
+    """Views of mixed sizes (several sharing a gather buffer, one over two chunks, tiny excluded
+    ones perturbed densely, one excluded view above SMALL) with their κ = 0.1 masks."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [CHUNK + 4096, 70000, 3000, 65536, 300, 40000, 17, 20000]
+    eligible = [True, True, True, True, False, True, False, False]
+    grads = [torch.randn(n, generator=g) for n in sizes]
+    grads[-1][::3] = 0.0   # the excluded view above SMALL: perturbed only where g != 0
+    weights = [_weights_with_edge_cases(n, seed + i) for i, n in enumerate(sizes)]
+    if adaptive:   # |w|² g of 3.4e38 overflows: keep the other edge cases
+        for w in weights:
+            w[w.abs() > 1e30] = 0.5
+    views = _views(grads, weights, eligible)
+    masks = {v.key: torch.rand(v.numel, generator=g) < 0.1 for v in views if v.eligible}
+    return views, masks
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("budget", [0.0, 1 / 8, 1.0])
+def test_grouped_perturbation_is_the_same_whatever_the_restore_data(budget, adaptive):
+    """The perturbed entries of many views share gather buffers; whether a buffer keeps the codec
+    or the plain values (``state_budget``) changes neither the perturbed weights (bit for bit)
+    nor the exact restore, and the restore data plus the masks stay within the budget wherever
+    encoding everything fits it."""
+    views, masks = _many_views(adaptive=adaptive)
+    before = [v.weights.clone() for v in views]
+    ref_views, _ = _many_views(adaptive=adaptive)
+    ref = perturb(ref_views, masks, rho=0.05, eps=1e-12, norm="full", excluded_mode="dense", adaptive=adaptive,
+                  state_budget=0.0)
+    p = perturb(views, masks, rho=0.05, eps=1e-12, norm="full", excluded_mode="dense", adaptive=adaptive,
+                state_budget=budget)
+    for v, r in zip(views, ref_views):
+        assert torch.equal(v.weights.view(torch.int32), r.weights.view(torch.int32)), v.name
+    assert p.grad_norm == ref.grad_norm and p.perturbation_norm == ref.perturbation_norm
+    assert len(p.groups) > 1 and any(len(group.pieces) > 1 for group in p.groups)   # shared buffers
+    encoded = [group.saved.values is None for group in p.groups]
+    local = 4 * sum(v.numel for v in views)
+    mask_bytes = sum(Mask.from_bool(m).nbytes for m in masks.values())
+    if budget == 0.0:
+        assert sum(encoded) >= len(encoded) - 2   # all but the tiny buffers (values below SMALL)
+    elif budget == 1.0:
+        assert not any(encoded)
+    else:
+        assert any(encoded) and not all(encoded)
+        assert mask_bytes + p.nbytes <= local / 8 < mask_bytes + 4 * p.entries
+    assert ref.nbytes <= p.nbytes <= 4 * p.entries
+    restore(views, p)
+    for v, b in zip(views, before):
+        assert torch.equal(v.weights.view(torch.int32), b.view(torch.int32)), f"{v.name}: restore is not bit-exact"
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sums_taken_at_the_perturbation_match_the_norm_pass(adaptive, monkeypatch):
+    """Without communication and with the full norm, ‖e‖ comes from the gathered entries rather than
+    the norm pass: the same weights bit for bit, and the same ‖e‖ to fp32 rounding."""
+    import fsam_dist.core.fsam as core
+
+    kwargs = dict(rho=0.05, eps=1e-12, norm="full", excluded_mode="dense", adaptive=adaptive)
+    views, masks = _many_views(adaptive=adaptive)
+    p = perturb(views, masks, **kwargs)
+    monkeypatch.setattr(core, "communicates", lambda group: True)   # the one-all-reduce path
+    ref_views, _ = _many_views(adaptive=adaptive)
+    ref = perturb(ref_views, masks, **kwargs)
+    for v, r in zip(views, ref_views):
+        assert torch.equal(v.weights, r.weights), v.name
+    assert p.grad_norm == ref.grad_norm
+    assert p.perturbation_norm == pytest.approx(ref.perturbation_norm, rel=1e-6)
+    if not adaptive:   # ‖e‖ = ρ ‖g over the perturbed entries‖ / ‖g‖
+        dense = [v for v in views if not v.eligible]
+        sq = sum(float(v.grad[masks[v.key]].double().square().sum()) for v in views if v.eligible) + \
+            sum(float(v.grad.double().square().sum()) for v in dense)
+        assert p.perturbation_norm == pytest.approx(0.05 * math.sqrt(sq) / p.grad_norm, rel=1e-6)
+
+
+def test_mask_selection_of_one_chunk_is_what_by_chunk_yields():
+    g = torch.Generator().manual_seed(9)
+    n = 2 * CHUNK + 1000
+    dense = torch.rand(n, generator=g) < 0.3
+    sparse = torch.rand(n, generator=g) < 0.01
+    masks = [Mask.from_bool(dense), Mask.from_bool(sparse), Mask.from_bool(dense).as_blocks(),
+             Mask.full(n), Mask.empty(n)]
+    assert [m.kind for m in masks] == ["bits", "indices", "blocks", "all", "none"]
+    for m in masks:
+        for c, (_, _, sel) in enumerate(m.by_chunk()):
+            got = m.selection(c)
+            if sel is None or isinstance(sel, slice):
+                assert got == sel, (m.kind, c)
+            else:
+                assert got.dtype == torch.int64 and torch.equal(got, sel), (m.kind, c)
 
 
 def test_restore_keeps_values_for_non_fp32_weights():
@@ -418,7 +510,7 @@ def test_dense_excluded_parameters_touch_only_nonzero_gradients():
     moved = (views[0].weights != w[0]).nonzero().reshape(-1).tolist()
     assert moved == [3, 40]
     assert p.grad_norm == pytest.approx(math.sqrt(4 + 1 + 8))
-    assert p.saved[("p0", 0)][0].kind == "indices"
+    assert p.masks[("p0", 0)].kind == "indices"
 
 
 @pytest.mark.parametrize("rho,per_entry", [(1e-4, 2.2), (0.05, 3.2)])

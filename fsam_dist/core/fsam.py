@@ -41,14 +41,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .comm import global_sums
+from .comm import communicates, global_sums
 from .looksam import add_sharpness_component, sharpness_component
 from .masks import Mask, with_positions
 from .norms import fp64_total, grad_norm, sumsq
 from .reshard import GLOBAL, place_masks, place_tensors
 from .restore import SMALL, Saved, restored, save
 from .select import topk_masks
-from .views import ShardView, chunks
+from .views import CHUNK, ShardView, chunks
 
 __all__ = ["FSAM", "Perturbation", "compute_mask", "count_nonfinite", "fisher_scores", "grad_norm", "perturb",
            "restore"]
@@ -128,17 +128,21 @@ def _as_mask(mask, numel: int) -> Mask:
 
 
 def _sums_and_mask(view: ShardView, mask: Mask | None, find_nonzero: bool, adaptive: bool,
-                   parts: tuple[list, list, list]) -> Mask | None:
+                   parts: tuple[list, list, list], full_only: bool = False) -> Mask | None:
     """One fused pass over a view: append its per-chunk fp32 partials of [Σ normed² over every
     entry, Σ normed² over the mask (eligible views), Σ direction² over the perturbed entries] to
     ``parts`` (normed: g, or |w| ⊙ g for ASAM; direction: g, or |w|² ⊙ g). Each chunk's gradient
     is read once from memory; the masked entries are gathered from it while it is in cache.
 
     ``find_nonzero``: an excluded view perturbed densely where g ≠ 0 -- its mask is found in the
-    same pass and returned. No host sync except that ``nonzero``."""
+    same pass and returned. No host sync except that ``nonzero``.
+
+    ``full_only``: only the first sum (the other two are taken from the perturbed entries in
+    :func:`perturb`, which gathers them anyway): no positions are derived here."""
     full_parts, masked_parts, direction_parts = parts
     found = [] if find_nonzero else None
-    selections = mask.by_chunk() if mask is not None else ((s, e, None) for s, e in chunks(view.numel))
+    selections = mask.by_chunk() if mask is not None and not full_only else \
+        ((s, e, None) for s, e in chunks(view.numel))
     for start, end, sel in selections:
         g = view.grad[start:end]
         w = view.weights[start:end] if adaptive else None
@@ -153,7 +157,7 @@ def _sums_and_mask(view: ShardView, mask: Mask | None, find_nonzero: bool, adapt
             elif nonzero:
                 sel = torch.nonzero(flags).reshape(-1).add_(start)
             found.append(sel)
-        if sel is None:
+        if sel is None or full_only:
             continue
         if isinstance(sel, slice):
             inside, picked_g, picked_w = full, g, w
@@ -180,12 +184,39 @@ def _total(parts: list) -> torch.Tensor:
     return torch.stack(parts).to(torch.float64).sum() if parts else torch.zeros((), dtype=torch.float64)
 
 
+GROUP = 1 << 16
+"""Perturbed entries per shared buffer (a piece -- one chunk of one view -- is never split, so
+a buffer may hold up to :data:`~fsam_dist.core.views.CHUNK`): few enough calls per step, and
+fine enough a grain for the choice between the codec and the plain values."""
+
+STATE_BUDGET = 1 / 8
+"""FSAM's state at a perturbed step (the masks and the restore data) stays within this fraction
+of a full copy of the rank's local weights wherever the exact-restore codec can make it so; the
+codec is used only as far as needed for that (see :func:`perturb`)."""
+
+
+@dataclass
+class _Group:
+    """Perturbed entries of one or more views (chunks of them), gathered into one buffer: one
+    codec call and one restore decode for the lot, instead of one per view."""
+
+    pieces: list[tuple[tuple[str, int], int, int, int]]
+    """Per piece, in buffer order: (view key, chunk index in the view's mask, offset in the
+    buffer, entries)."""
+    saved: Saved
+    """The restore data of the whole buffer."""
+
+
 @dataclass
 class Perturbation:
     """What :func:`perturb` changed, so :func:`restore` can undo it exactly."""
 
-    saved: dict[tuple[str, int], tuple[Mask, list[Saved]]] = field(default_factory=dict)
-    """Per view: the mask of perturbed entries and, per chunk of its selections, the restore data."""
+    masks: dict[tuple[str, int], Mask] = field(default_factory=dict)
+    """Per perturbed view: the mask of perturbed entries (its chunks' positions are derived again
+    at the restore, as in the perturbation: nothing position-sized is kept)."""
+    groups: list[_Group] = field(default_factory=list)
+    """The perturbed entries in groups of at most :data:`~fsam_dist.core.views.CHUNK`, each with
+    its restore data."""
     grad_norm: float = 0.0
     """‖g‖ over all trainable entries (the full norm, whatever ``norm`` is)."""
     perturbation_norm: float = 0.0
@@ -198,22 +229,92 @@ class Perturbation:
     @property
     def nbytes(self) -> int:
         """Bytes held to restore the weights (excluding the masks, which FSAM keeps anyway)."""
-        return sum(s.nbytes for _, saved in self.saved.values() for s in saved)
+        return sum(g.saved.nbytes for g in self.groups)
+
+    def saved_of(self, key: tuple[str, int]) -> list[Saved]:
+        """The restore data of the groups holding entries of view ``key`` (for tests and reports)."""
+        return [g.saved for g in self.groups if any(piece[0] == key for piece in g.pieces)]
+
+
+def _gather(pieces: list, total: int, source, dtype: torch.dtype) -> torch.Tensor:
+    """The selected entries of each piece's ``source(view)`` side by side in one buffer (a
+    single piece: its slice as a view, or one ``index_select``)."""
+    if len(pieces) == 1:
+        view, _, sel, _, _ = pieces[0]
+        return source(view)[sel] if isinstance(sel, slice) else source(view).index_select(0, sel)
+    out = torch.empty(total, dtype=dtype, device=source(pieces[0][0]).device)
+    for view, _, sel, a, n in pieces:
+        if isinstance(sel, slice):
+            out[a:a + n].copy_(source(view)[sel])
+        else:
+            torch.index_select(source(view), 0, sel, out=out[a:a + n])
+    return out
+
+
+def _scatter(pieces: list, values: torch.Tensor) -> None:
+    """Write ``values`` (the buffer of :func:`_gather`) back into each piece's weights."""
+    for view, _, sel, a, n in pieces:
+        if isinstance(sel, slice):
+            view.weights[sel].copy_(values[a:a + n])
+        else:
+            # scatter_ with distinct positions: the same writes as index_copy_, ~2x faster on a CPU
+            view.weights.scatter_(0, sel, values[a:a + n])
+
+
+def _perturb_group(pieces: list, total: int, scale: float, adaptive: bool, encode: bool,
+                   parts: tuple[list, list] | None = None) -> _Group:
+    """w ← w + e on a group of pieces ``(view, chunk, sel, offset, entries)``: gather, one
+    elementwise pass and (``encode``) one codec call over the buffer, scatter. Without
+    ``encode`` the gathered originals are kept as they are (no codec work, no read-back).
+    ``parts``: append the group's fp32 partials of [Σ normed² (eligible views only), Σ direction²]."""
+    first = pieces[0][0]
+    dense = len(pieces) == 1 and isinstance(pieces[0][2], slice)   # one dense range: in place
+    original = _gather(pieces, total, lambda v: v.weights, first.weights.dtype)
+    if dense:
+        original = original.clone()   # a slice is a view of the weights: keep the values
+    grad = _gather(pieces, total, lambda v: v.grad, first.grad.dtype)
+    direction = _direction(grad, original, adaptive)
+    if parts is not None:
+        normed = _normed(grad, original, adaptive)
+        inside = torch.dot(normed, normed)
+        if first.eligible:
+            parts[0].append(inside)
+        parts[1].append(torch.dot(direction, direction) if adaptive else inside)
+    e = (direction * scale).to(original.dtype)
+    if dense:
+        new = first.weights[pieces[0][2]]
+        new.add_(e)
+    else:
+        new = original + e
+        _scatter(pieces, new)
+    return _Group([(view.key, c, a, n) for view, c, _, a, n in pieces],
+                  save(original, new) if encode else Saved(values=original))
 
 
 def perturb(views: list[ShardView], masks: dict, *, rho: float, eps: float, norm: str,
             excluded_mode: str, adaptive: bool, group=None,
-            extra_sums: list[torch.Tensor] | tuple = ()) -> Perturbation:
+            extra_sums: list[torch.Tensor] | tuple = (), state_budget: float = STATE_BUDGET) -> Perturbation:
     """Add e to each view's weights in place (docs/design.md §1) and return what restores them.
 
     ``masks``: per eligible view (keyed by :attr:`ShardView.key`), a :class:`Mask` or a bool tensor.
     One all-reduce of fp64 sums: ‖g‖² (or ‖|w|⊙g‖² for ASAM) over all trainable entries, the
     same over the masked entries, the squared norm of the perturbed direction, and
     ``extra_sums`` (local partials another caller wants reduced; returned in ``.extra``).
-    Works a chunk at a time: no temporary larger than :data:`~fsam_dist.core.views.CHUNK` entries.
+    ``state_budget``: the restore data is encoded (:mod:`.restore`) only as far as needed to keep
+    it and the masks within this fraction of a full copy of the local weights, the rest kept as
+    plain values (0: encode everything).
+    The perturbed entries of many views are gathered into shared buffers of at most
+    :data:`~fsam_dist.core.views.CHUNK` entries (eligible and excluded views apart, per dtype):
+    the arithmetic and the restore codec run once per buffer, not once per view. No temporary
+    larger than :data:`~fsam_dist.core.views.CHUNK` entries.
     """
     plan = []   # (view, mask of the entries perturbed)
     parts = ([], [], [])   # per-chunk fp32 partials: ‖normed‖² full, over the mask, ‖direction‖² perturbed
+    # Nothing to communicate and the full norm: only ‖g‖ is needed before the perturbation; the
+    # sums over the masked / perturbed entries (for ‖e‖) are taken from the entries the
+    # perturbation gathers anyway, so the norm pass derives no positions (one host sync more,
+    # after the loop). A communicating group reduces all of them in the one all-reduce.
+    later = norm == "full" and not communicates(group)
     for view in views:
         mask, find = None, False
         if view.eligible:
@@ -225,7 +326,7 @@ def perturb(views: list[ShardView], masks: dict, *, rho: float, eps: float, norm
                 mask = Mask.full(view.numel, view.weights.device)
             else:
                 find = True
-        mask = _sums_and_mask(view, mask, find, adaptive, parts)
+        mask = _sums_and_mask(view, mask, find, adaptive, parts, full_only=later)
         if mask is not None and mask.kind != "none":
             plan.append((view, mask))
     device = views[0].grad.device if views else torch.device("cpu")
@@ -236,51 +337,71 @@ def perturb(views: list[ShardView], masks: dict, *, rho: float, eps: float, norm
     scale = rho / (n + eps)
     result = Perturbation(grad_norm=math.sqrt(full), perturbation_norm=scale * math.sqrt(perturbed),
                           extra=sums[3:])
+    later_parts = ([], []) if later else None
+    streams: dict = {}   # views whose entries may share a buffer; excluded ones first (see below)
+    for view, mask in sorted(plan, key=lambda item: item[0].eligible):
+        kind = (view.eligible, view.weights.dtype, view.grad.dtype, view.weights.device)
+        streams.setdefault(kind, []).append((view, mask))
+    # The restore data: the codec where it is needed to keep FSAM's state (the masks and this)
+    # within STATE_BUDGET of a full copy of the local weights, the plain values elsewhere (no
+    # codec work, nothing to read back at the restore). Groups are encoded in order until the
+    # rest fits as values; the densely perturbed excluded views come first (the codec saves
+    # ~3 of their 4 bytes, against ~2 of a masked entry's).
+    local = sum(v.numel * v.weights.element_size() for v in views)
+    budget = state_budget * local - sum(m.nbytes for v, m in plan if v.eligible)
+    rest = sum(m.count * v.weights.element_size() for v, m in plan)   # bytes of the rest as values
+    spent = 0
+
+    def flush(pieces: list, total: int) -> None:
+        nonlocal spent, rest
+        rest -= total * pieces[0][0].weights.element_size()
+        group = _perturb_group(pieces, total, scale, adaptive, encode=spent + rest + total *
+                               pieces[0][0].weights.element_size() > budget, parts=later_parts)
+        spent += group.saved.nbytes
+        result.groups.append(group)
+
     with torch.no_grad():
-        for view, mask in plan:
-            w, grad = view.weights, view.grad
-            saved = []
-            for _, _, sel in mask.by_chunk():
-                if sel is None:
-                    continue
-                if isinstance(sel, slice):
-                    e = (_direction(grad[sel], w[sel], adaptive) * scale).to(w.dtype)
-                    original = w[sel].clone()
-                    w[sel].add_(e)
-                    new = w[sel]
-                else:
-                    original = w.index_select(0, sel)
-                    e = (_direction(grad.index_select(0, sel), original, adaptive) * scale).to(w.dtype)
-                    new = original + e
-                    w.index_copy_(0, sel, new)
-                saved.append(save(original, new))
-            result.saved[view.key] = (mask, saved)
-            result.entries += mask.count
+        for members in streams.values():
+            pieces, total = [], 0
+            for view, mask in members:
+                result.masks[view.key] = mask
+                result.entries += mask.count
+                for c, (_, _, sel) in enumerate(mask.by_chunk()):
+                    if sel is None:
+                        continue
+                    count = sel.stop - sel.start if isinstance(sel, slice) else sel.numel()
+                    if pieces and total + count > GROUP:
+                        flush(pieces, total)
+                        pieces, total = [], 0
+                    pieces.append((view, c, sel, total, count))
+                    total += count
+            if pieces:
+                flush(pieces, total)
+    if later:
+        result.perturbation_norm = scale * math.sqrt(float(_total(later_parts[1])))
     return result
 
 
 def restore(views: list[ShardView], perturbation: Perturbation) -> None:
-    """Put back the exact values :func:`perturb` saved (no w + e − e rounding)."""
+    """Put back the exact values :func:`perturb` saved (no w + e − e rounding): per group, the
+    perturbed entries gathered again, decoded once, scattered back."""
     by_key = {v.key: v for v in views}
     with torch.no_grad():
-        for key, (mask, saved) in perturbation.saved.items():
-            w = by_key[key].weights
-            n = 0
-            for _, _, sel in mask.by_chunk():
-                if sel is None:
-                    continue
-                if n >= len(saved):
-                    raise RuntimeError(f"restore: {key} has more chunks of perturbed entries than the {len(saved)} saved")
-                chunk = saved[n]
-                if isinstance(sel, slice):
-                    w[sel] = restored(w[sel], chunk)
-                elif chunk.values is not None:   # kept whole: nothing to read back
-                    w.index_copy_(0, sel, chunk.values)
-                else:
-                    w.index_copy_(0, sel, restored(w.index_select(0, sel), chunk))
-                n += 1
-            if n != len(saved):
-                raise RuntimeError(f"restore: {key} has {n} chunks of perturbed entries, {len(saved)} were saved")
+        for group in perturbation.groups:
+            pieces, total = [], 0
+            for key, c, a, n in group.pieces:
+                sel = perturbation.masks[key].selection(c)
+                count = 0 if sel is None else sel.stop - sel.start if isinstance(sel, slice) else sel.numel()
+                if count != n or a != total:
+                    raise RuntimeError(f"restore: {key} chunk {c} has {count} perturbed entries, {n} were saved")
+                pieces.append((by_key[key], c, sel, a, n))
+                total += n
+            saved = group.saved
+            if saved.values is not None:   # kept whole: nothing to read back
+                values = saved.values
+            else:
+                values = restored(_gather(pieces, total, lambda v: v.weights, pieces[0][0].weights.dtype), saved)
+            _scatter(pieces, values)
 
 
 class FSAM:

@@ -19,15 +19,17 @@ from .views import ShardView, chunks
 
 
 def _dots(views: list[ShardView], others: dict) -> torch.Tensor:
-    """Local fp64 [⟨o, g⟩, ⟨o, o⟩, ⟨g, g⟩] of each view's gradient g and its tensor o in ``others``."""
-    out = torch.zeros(3, dtype=torch.float64)
+    """Local fp64 [⟨o, g⟩, ⟨o, o⟩, ⟨g, g⟩] of each view's gradient g and its tensor o in ``others``:
+    per-chunk fp64 partials, summed on their device (no host sync; the caller's all-reduce and
+    ``.tolist()`` are the one wait)."""
+    parts = []
     for v in views:
         other = others[v.key]
         for start, end in chunks(v.numel):
             g = v.grad[start:end].to(torch.float64)
             o = other[start:end].to(torch.float64)
-            out += torch.stack([torch.dot(o, g), torch.dot(o, o), torch.dot(g, g)]).cpu()
-    return out
+            parts.append(torch.stack([torch.dot(o, g), torch.dot(o, o), torch.dot(g, g)]))
+    return torch.stack(parts).sum(0) if parts else torch.zeros(3, dtype=torch.float64)
 
 
 def sharpness_component(views: list[ShardView], first: dict, group=None) -> tuple[float, float, float]:
@@ -36,7 +38,7 @@ def sharpness_component(views: list[ShardView], first: dict, group=None) -> tupl
     ``first``: per view key, a copy of the pass-1 gradient g; the views hold g_s (pass 2, at
     w + e). One all-reduce of 3 fp64. Returns (this rank's Σ g_v², reduced later with the next
     step's ‖g‖²; the global ‖g‖; the global ‖g_v‖ / ‖g‖, from the reduced sums, for logging)."""
-    dot, first_sumsq, second_sumsq = global_sums(list(_dots(views, first)), group).tolist()
+    dot, first_sumsq, second_sumsq = global_sums(_dots(views, first), group).tolist()
     coef = dot / first_sumsq if first_sumsq > 0 else 0.0
     partials = []
     with torch.no_grad():

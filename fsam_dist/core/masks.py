@@ -32,6 +32,7 @@ import torch
 from .views import CHUNK, chunks
 
 KINDS = ("none", "all", "bits", "indices", "blocks")
+_INT32_MAX = (1 << 31) - 1
 BLOCK = 256
 """Entries per block of a ``'blocks'`` mask (offsets fit a uint8; :data:`CHUNK` is a multiple)."""
 
@@ -243,15 +244,40 @@ class Mask:
                 idx = torch.nonzero(flags).reshape(-1)
                 yield start, end, (idx.add_(start) if idx.numel() else None)
 
+    def selection(self, c: int) -> slice | torch.Tensor | None:
+        """``sel`` of chunk ``c`` alone, as :meth:`by_chunk` yields it (no host sync for
+        'blocks', 'indices' once its bounds are known, 'all' and 'none')."""
+        start, end = c * CHUNK, min(self.numel, (c + 1) * CHUNK)
+        if self.kind == "none":
+            return None
+        if self.kind == "all":
+            return slice(start, end)
+        if self.kind == "blocks":
+            return self._block_positions(c, start, end)
+        if self.kind == "indices" and self.bounds is not None:
+            lo, hi = self.bounds[c], self.bounds[c + 1]
+            return self.data[lo:hi].to(torch.int64) if hi > lo else None
+        if self.kind == "indices":
+            for i, (_, _, sel) in enumerate(self.by_chunk()):   # finds the bounds (once per mask)
+                if i == c:
+                    return sel
+        flags = unpack_bits(self.data[start // 8:-(-end // 8)], end - start)
+        idx = torch.nonzero(flags).reshape(-1)
+        return idx.add_(start) if idx.numel() else None
+
     def _block_positions(self, c: int, start: int, end: int) -> torch.Tensor | None:
         """'blocks': the positions of chunk ``c`` (entries ``[start, end)``), or None if it has none."""
         lo, hi = self.bounds[c], self.bounds[c + 1]
         if hi == lo:
             return None
         first = start // BLOCK
-        bases = torch.arange(start, end, BLOCK, dtype=torch.int64, device=self.device)
+        # in int32 where the positions fit (half the bytes of int64, and the uint8 offsets are
+        # added without a widening promotion: ~1.7x faster on a CPU), widened once at the end
+        wide = self.numel > _INT32_MAX
+        bases = torch.arange(start, end, BLOCK, dtype=torch.int64 if wide else torch.int32, device=self.device)
         pos = torch.repeat_interleave(bases, self.table[first:first + bases.numel()], output_size=hi - lo)
-        return pos.add_(self.data[lo:hi])
+        pos.add_(self.data[lo:hi])
+        return pos if wide else pos.to(torch.int64)
 
     def selections(self, as_indices: bool = False) -> Iterator[slice | torch.Tensor]:
         """The set entries, chunk by chunk, in increasing order: a ``slice`` for a dense range

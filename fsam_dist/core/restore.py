@@ -8,10 +8,15 @@ value?) give the original back from the perturbed value: δ ≡ perturbed − lo
 δ = r or r − 2^b with r = (perturbed − low) mod 2^b, the carry saying which. Entries that changed
 sign or moved by 2^b units or more (*exceptions*) keep their whole pattern with an int32 position.
 
-b is chosen per chunk from {8, 16, 24} (or the plain values) by cost: |e| / |w| sets it -- a
+:func:`~fsam_dist.core.fsam.perturb` gathers the perturbed entries of many views into shared
+buffers and calls :func:`save` once per buffer -- only as far as needed to keep FSAM's state
+within ``STATE_BUDGET`` (1/8) of a full copy of the weights; the other buffers keep the plain
+values (no encoding work, nothing to read back at the restore).
+
+b is chosen per buffer from {8, 16, 24} (or the plain values) by cost: |e| / |w| sets it -- a
 densely perturbed embedding (|e| ≪ ulp·2^8) fits 1.125 bytes per entry, FSAM's masked entries
 at the T5 scale 2.125, a tiny model's large moves 3.125 or the 4-byte values. Weights of other
-dtypes and small chunks keep their values. Measured sizes: bench/README.md ("Memory per rank").
+dtypes and small buffers keep their values. Measured sizes: bench/README.md ("Memory per rank").
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 from .masks import pack_bits, unpack_bits
 
 SMALL = 1 << 14
-"""Chunks of at most this many entries keep plain values (and an excluded view this small is
+"""Buffers of at most this many entries keep plain values (and an excluded view this small is
 perturbed on every entry): per-call overheads outweigh the bytes saved."""
 
 LOW_BITS = (8, 16, 24)

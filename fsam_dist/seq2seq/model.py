@@ -86,8 +86,8 @@ def load_config_and_tokenizer(name_or_path: str):
 
 def load_model(source: str, dtype: torch.dtype = torch.float32):
     """``AutoModelForSeq2SeqLM.from_pretrained(source)``; a failure is a :class:`ModelLoadError`.
-    Under a live ``HfDeepSpeedConfig`` of ZeRO-3 this constructs under ``deepspeed.zero.Init`` and
-    loads each rank's partitions (``train/loading.py``)."""
+    ZeRO-3 does not come here: ``train/loading.py`` builds the model partitioned and streams the
+    checkpoint into it (transformers' own ZeRO-3 path reads the whole state dict on rank 0)."""
     from transformers import AutoModelForSeq2SeqLM
 
     try:

@@ -58,7 +58,9 @@ def check_engine(engine) -> None:
 # ``micro_step_id`` hold gradients accumulated since the last ``step()``; DeepSpeed's own overflow
 # path clears them the way :func:`zero12_clear_grads` does.
 # ZeRO-3: ``p.ds_tensor`` (local padded partition), ``p.ds_numel`` (unpadded numel),
-# ``optimizer.parameter_offload.partition_all_parameters()`` and ``optimizer.persistent_parameters``.
+# ``optimizer.parameter_offload.partition_all_parameters()`` and ``optimizer.persistent_parameters``;
+# loading (train/loading.py) writes ``p.ds_tensor`` of a parameter ``zero.Init`` partitioned
+# (``p.ds_status``, ``p.ds_tensor.ds_numel``, ``p.ds_secondary_tensor``, ``p.ds_process_group``).
 
 def zero12_address(p: torch.nn.Parameter) -> tuple[int, int] | None:
     """(offset in p, numel) of this rank's fragment of p, or None if not owned here."""
@@ -113,6 +115,50 @@ def zero3_local(p: torch.nn.Parameter, rank: int):
     if weights.dtype != torch.float32:   # bf16: perturb the fp32 master (a view); publish rounds it
         weights = safe_get_local_fp32_param(p).view(-1)
     return start, weights[:n], grad.view(-1)[:n], grad
+
+
+def zero3_partition_writable(p: torch.nn.Parameter, world: int) -> bool:
+    """Whether :func:`zero3_scatter_into_partitions` may fill ``p``: a partitioned ZeRO-3 parameter
+    of a tested DeepSpeed, its padded partition in memory on every one of the ``world`` ranks of
+    the default group, no secondary (hpZ) or quantized copy to keep in step."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    try:
+        check_version(deepspeed.__version__)
+    except RuntimeError:
+        return False
+    part = getattr(p, "ds_tensor", None)
+    return (part is not None and getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE
+            and part.numel() == getattr(part, "ds_numel", -1) and part.is_floating_point()
+            and getattr(p, "ds_secondary_tensor", None) is None
+            and dist.get_world_size(group=getattr(p, "ds_process_group", None)) == world
+            and part.ds_numel * world >= p.ds_numel)
+
+
+def zero3_scatter_into_partitions(p: torch.nn.Parameter, value: torch.Tensor | None, rank: int, world: int) -> None:
+    """Rank 0's full ``value`` of ``p`` into every rank's partition (``p.ds_tensor``), each rank
+    receiving only its slice (one ``scatter``; padding untouched, as DeepSpeed leaves it): no rank
+    gathers the parameter. ``value`` is ignored on ranks ≠ 0. Check :func:`zero3_partition_writable`."""
+    import torch.distributed as dist
+
+    part = p.ds_tensor.view(-1)
+    size = part.numel()
+    chunks = None
+    if rank == 0:
+        flat = value.to(part.device, part.dtype).contiguous().view(-1)
+        chunks = []
+        for r in range(world):
+            piece = flat[r * size:(r + 1) * size]
+            if piece.numel() < size:   # the last ranks' padded partitions
+                piece = torch.cat([piece, piece.new_zeros(size - piece.numel())])
+            chunks.append(piece)
+    received = torch.empty_like(part)
+    dist.scatter(received, chunks, src=0)
+    n = max(0, min(size, p.ds_numel - rank * size))
+    with torch.no_grad():
+        part[:n].copy_(received[:n])
 
 
 def zero3_copy_masters(params) -> None:
