@@ -15,7 +15,8 @@ Reported per backend: step time, FSAM/SAM and FSAM/AdamW, FSAM's own work per pe
 a fp32 tensor as long as the rank's local entries, timed in the same process between the steps.
 'single' (one process) also runs FSAM at ``--intervals`` k and times the mask refresh (the global
 top-k, amortised over ``--mask-interval`` steps) and, with ``--fisher-examples`` N_F, the
-'empirical' Fisher (N_F single-example backward passes per refresh). ``--size t5-small`` (60 M)
+'empirical' Fisher per refresh on N_F examples, both ways: one backward per example (the loop),
+then the batched per-example gradients (``torch.func``; 1st and 2nd call). ``--size t5-small`` (60 M)
 and ``t5-base`` (220 M) are T5 shapes with random init, vocab 32128 (slow on a CPU: opt in).
 """
 
@@ -211,9 +212,22 @@ def run_single(args) -> dict:
     out["refresh"] = statistics.median(refresh)
     if args.fisher_examples:
         examples = [random_batch(vocab=512, micro=1, seed=10 ** 6 + i) for i in range(args.fisher_examples)]
+        for key, batched in (("fisher loop", False), ("fisher", True), ("fisher again", True)):
+            start = _clock()
+            empirical_fisher(backend, seq2seq_loss_sum, examples, batched=batched)
+            out[key] = _clock() - start
+        # The floor of any per-example method: one forward+backward of the same N_F examples in
+        # micro-batches of --micro (the summed gradient only), in eval mode like the Fisher.
+        backend.model.eval()
         start = _clock()
-        empirical_fisher(backend, seq2seq_loss_sum, examples)
-        out["fisher"] = _clock() - start
+        for i in range(0, len(examples), args.micro):
+            part = examples[i:i + args.micro]
+            backend.zero_grad()
+            backend.forward_backward(seq2seq_loss_sum, {k: torch.cat([e[k] for e in part]) for k in part[0]},
+                                     1.0, last=True)
+        out["fisher floor"] = _clock() - start
+        backend.zero_grad()
+        backend.model.train()
     return out
 
 
@@ -233,9 +247,12 @@ def _single_table(r: dict, args) -> None:
     f = r["fsam"]["mean"] if "fsam" in r else a
     print(f"\nMask refresh (global top-k of g², {r['local'] / 1e6:.2f} M entries): {r['refresh'] * 1e3:.0f} ms = "
           f"{r['refresh'] / args.mask_interval / f:.2%} of an FSAM step amortised over {args.mask_interval} steps")
-    if "fisher" in r:
-        print(f"Empirical Fisher, N_F = {args.fisher_examples}: {r['fisher'] * 1e3:.0f} ms per refresh = "
-              f"{r['fisher'] / args.mask_interval / f:.2%} of an FSAM step amortised over {args.mask_interval} steps")
+    for key, what in (("fisher loop", "one backward per example"), ("fisher", "batched (torch.func), 1st call"),
+                      ("fisher again", "batched, 2nd call"),
+                      ("fisher floor", f"floor: one forward+backward of the examples in micro-batches of {args.micro}")):
+        if key in r:
+            print(f"Empirical Fisher, N_F = {args.fisher_examples}, {what}: {r[key] * 1e3:.0f} ms per refresh = "
+                  f"{r[key] / args.mask_interval / f:.2%} of an FSAM step amortised over {args.mask_interval} steps")
 
 
 def main() -> None:

@@ -6,7 +6,9 @@ positions, and how a change to the shard reaches the next forward. It never does
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
 
 import torch
 
@@ -14,6 +16,25 @@ from ..core import DEFAULT_EXCLUDE, ShardView, grad_norm  # noqa: F401  (re-expo
 
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
 """``loss_fn(model, micro_batch)`` → the *sum* of per-target losses of the micro-batch."""
+
+
+@dataclass
+class WholeModel:
+    """What a rank that holds every trainable parameter whole and current offers the batched
+    'empirical' Fisher (:func:`fsam_dist.train.step.empirical_fisher`): per-example gradients taken
+    with ``torch.func`` on the plain module, without the backend's backward (no collective)."""
+
+    module: torch.nn.Module
+    """The plain module (no DDP / DeepSpeed wrapper) whose forward reads the parameters."""
+    trainable: list[tuple[str, torch.nn.Parameter]]
+    """Its trainable parameters, names as in :meth:`Backend.views`, in ``named_parameters()`` order."""
+    eligible: dict[str, bool]
+    """Whether the Fisher mask applies to each trainable parameter."""
+    pieces: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]
+    """Cuts one tensor per eligible parameter (its shape, any layout) into this rank's pieces:
+    one 1-D tensor per *eligible* view of :meth:`Backend.views`, in that order."""
+    context: Callable[[], ContextManager] = field(default=contextlib.nullcontext)
+    """The context the backend's forward runs under (e.g. autocast)."""
 
 
 class Backend:
@@ -52,6 +73,13 @@ class Backend:
     def views(self) -> list[ShardView]:
         """Local shard views after a pass (at the accumulation boundary)."""
         raise NotImplementedError
+
+    def whole_model(self) -> WholeModel | None:
+        """The plain module and its parameters where this rank holds every trainable parameter
+        whole, with the current weights (published first where a restore was deferred: then a
+        collective, which every rank makes); None where parameters are sharded (ZeRO-3, FSDP) --
+        then the 'empirical' Fisher runs one backward per example through the backend."""
+        return None
 
     def publish(self, restored: bool) -> None:
         """Make in-place changes to the views' weights visible to the next forward. Called after

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from ..core import DEFAULT_EXCLUDE, REPLICATED, ShardView, global_positions, grad_norm, is_eligible
-from .base import Backend, LossFn
+from .base import Backend, LossFn, WholeModel
 from .deepspeed_internals import (check_engine, load_universal, zero3_copy_masters, zero3_local, zero3_publish,
-                                  zero12_clear_grads, zero12_fragment)
+                                  zero12_address, zero12_clear_grads, zero12_fragment)
 
 
 class DeepSpeedBackend(Backend):
@@ -89,6 +89,23 @@ class DeepSpeedBackend(Backend):
         loss_sum = loss_fn(self.engine, micro_batch)
         self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
         return loss_sum.detach()
+
+    def whole_model(self) -> WholeModel | None:
+        """ZeRO-0/1/2 without DeepSpeed's torch autocast: every rank's module holds the whole
+        (replicated) weights; a deferred restore is published first. ZeRO-3: None (partitioned)."""
+        if self.layout == "zero3" or self.engine.torch_autocast_enabled():
+            return None
+        self._publish_restored()
+
+        def pieces(full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+            out = []
+            for name, p in self.trainable:   # the pieces views() lists, in its order
+                address = (0, p.numel()) if self.layout == "replicated" else zero12_address(p)
+                if address is not None and address[1] and self.eligible[name]:
+                    out.append(full[name].reshape(-1).narrow(0, *address))
+            return out
+
+        return WholeModel(self.module, self.trainable, self.eligible, pieces)
 
     def views(self) -> list[ShardView]:
         views = []

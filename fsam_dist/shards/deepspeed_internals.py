@@ -62,12 +62,21 @@ def check_engine(engine) -> None:
 # loading (train/loading.py) writes ``p.ds_tensor`` of a parameter ``zero.Init`` partitioned
 # (``p.ds_status``, ``p.ds_tensor.ds_numel``, ``p.ds_secondary_tensor``, ``p.ds_process_group``).
 
-def zero12_fragment(p: torch.nn.Parameter):
-    """(offset in p, fp32 master fragment, reduced gradient fragment) or None if not owned here."""
+def zero12_address(p: torch.nn.Parameter) -> tuple[int, int] | None:
+    """(offset in p, numel) of this rank's fragment of p, or None if not owned here."""
     mapping = getattr(p, "_hp_mapping", None)
     if mapping is None:
         return None
-    start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+    return mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+
+
+def zero12_fragment(p: torch.nn.Parameter):
+    """(offset in p, fp32 master fragment, reduced gradient fragment) or None if not owned here."""
+    address = zero12_address(p)
+    if address is None:
+        return None
+    mapping = p._hp_mapping
+    start, numel = address
     grad = mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
     if grad.numel() == p.numel() != numel:   # BF16_Optimizer keeps the whole parameter's gradient
         grad = grad.narrow(0, start, numel)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ..core import DEFAULT_EXCLUDE, REPLICATED, ShardView, global_positions, is_eligible
-from .base import Backend, LossFn
+from .base import Backend, LossFn, WholeModel
 
 
 class LocalBackend(Backend):
@@ -45,12 +45,21 @@ class LocalBackend(Backend):
     def forward_backward(self, loss_fn: LossFn, micro_batch: dict, scale: float, last: bool) -> torch.Tensor:
         # Only the boundary micro-batch all-reduces; earlier ones accumulate locally.
         sync = contextlib.nullcontext() if (last or not self.ddp) else self._model.no_sync()
-        device_type = next(self.module.parameters()).device.type
-        autocast = torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
-        with sync, autocast:
+        with sync, self._autocast():
             loss_sum = loss_fn(self._model, micro_batch)
             (loss_sum * scale).backward()
         return loss_sum.detach()
+
+    def _autocast(self):
+        device_type = next(self.module.parameters()).device.type
+        return torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def whole_model(self) -> WholeModel:
+        """Every rank holds the whole parameters (one process, DDP)."""
+        def pieces(full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+            return [full[n].reshape(-1) for n, _ in self.trainable if self.eligible[n]]
+
+        return WholeModel(self.module, self.trainable, self.eligible, pieces, self._autocast)
 
     def views(self) -> list[ShardView]:
         views = []

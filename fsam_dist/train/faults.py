@@ -114,12 +114,18 @@ def _kill(rank: int, step: int, at: str) -> None:
 
 
 class _PoisonGrad(torch.autograd.Function):
-    """Identity forward; the backward multiplies the incoming gradient by ``value`` (NaN/inf)."""
+    """Identity forward; the backward multiplies the incoming gradient by ``value`` (NaN/inf).
+    (``setup_context`` form, so it also runs under the batched Fisher's ``torch.func`` transforms.)"""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, value):
-        ctx.value = value
+    def forward(x, value):
         return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.value = inputs[1]
 
     @staticmethod
     def backward(ctx, grad):

@@ -18,6 +18,7 @@ micro-batches leaves the gradient unchanged.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -38,30 +39,142 @@ def _run_pass(backend: Backend, loss_fn: LossFn, micro_batches: list[dict], scal
     return total
 
 
-def empirical_fisher(backend: Backend, loss_fn: LossFn, examples: Iterable[dict]) -> list[torch.Tensor]:
+FISHER_CHUNK_BYTES = 1 << 30
+"""The batched 'empirical' Fisher takes per-example gradients for at most this many bytes of
+them at once (chunk × the eligible parameters' bytes), at least one example per chunk."""
+FISHER_MAX_CHUNK = 16
+"""...and at most this many examples per chunk (larger chunks were slower on the CPU: the
+per-example gradients stop fitting in cache)."""
+
+
+def empirical_fisher(backend: Backend, loss_fn: LossFn, examples: Iterable[dict], *,
+                     chunk: int | None = None, batched: bool = True) -> list[torch.Tensor]:
     """Σ over single examples of the squared gradient of the example's log-likelihood.
 
-    Every rank must be given the *same* examples: each backward is then averaged over identical
-    gradients, so it yields that one example's gradient whatever the world size. Runs in eval
-    mode (no dropout) under a forked RNG, so training randomness is untouched.
+    Every rank must be given the *same* examples. Runs in eval mode (no dropout) under a forked
+    RNG, so training randomness is untouched. Two ways, the same scores to fp32 rounding:
+
+    * **batched** where the rank holds every trainable parameter whole
+      (:meth:`~fsam_dist.shards.base.Backend.whole_model`: one process, DDP, ZeRO-0/1/2):
+      per-example gradients of the eligible parameters with ``torch.func`` --
+      ``vmap(grad(functional_call))`` over chunks of ``chunk`` examples of the same shapes
+      (default: :data:`FISHER_MAX_CHUNK`, fewer where the chunk's gradients would pass
+      :data:`FISHER_CHUNK_BYTES`); every rank computes the same gradients on its own (no
+      collective), squares them and keeps its views' pieces. A value equal in every example of a
+      chunk (e.g. the all-ones attention mask of an unpadded example) is passed unbatched.
+      ``randomness='different'``: a model that draws random numbers in eval mode gets independent
+      draws per example, as in the loop (not the same numbers).
+    * **loop** where parameters are sharded (ZeRO-3, FSDP), or where the batched way raised on
+      any rank (data-dependent control flow under ``vmap``, out of memory, examples that are not
+      single-example batches: warned once): one backward per example through the backend, whose
+      reduction averages identical gradients, so it yields that one example's gradient whatever
+      the world size. Every rank agrees on the way with one all-reduce of a flag (the loop's
+      collectives then run on every rank). ``batched=False`` forces the loop (benchmarks, tests).
     """
-    scores: list[torch.Tensor] | None = None
+    examples = list(examples)
+    if not examples:
+        raise ValueError("empirical Fisher: the Fisher loader yielded no examples")
     model = backend.model
     was_training = model.training
+    whole = backend.whole_model() if batched else None
     model.eval()
     try:
         with torch.random.fork_rng(devices=[]):
-            for example in examples:
-                backend.zero_grad()
-                backend.forward_backward(loss_fn, example, backend.loss_multiplier / backend.world_size, last=True)
-                squares = fisher_scores(backend.views())
-                scores = squares if scores is None else [s.add_(q) for s, q in zip(scores, squares)]
+            scores, why = None, None
+            if whole is not None:
+                whole.module.eval()
+                try:
+                    scores = _batched_fisher(whole, loss_fn, examples, chunk)
+                except (RuntimeError, ValueError, NotImplementedError) as err:   # OOM is a RuntimeError
+                    why = f"{type(err).__name__}: {err}"
+                failed = global_sums([torch.tensor(float(why is not None))], backend.world_group)
+                if float(failed[0]) > 0:
+                    scores = None
+                    _warn_once(backend, why or "another rank could not")
+            if scores is None:
+                scores = _looped_fisher(backend, loss_fn, examples)
     finally:
         model.train(was_training)
         backend.zero_grad()
-    if scores is None:
-        raise ValueError("empirical Fisher: the Fisher loader yielded no examples")
     return scores
+
+
+def _warn_once(backend: Backend, why: str) -> None:
+    if not getattr(backend, "_fisher_warned", False):
+        backend._fisher_warned = True
+        warnings.warn(f"empirical Fisher: the batched per-example gradients (torch.func.vmap) failed "
+                      f"({why.splitlines()[0][:300]}); using one backward per example", RuntimeWarning,
+                      stacklevel=3)
+
+
+def _looped_fisher(backend: Backend, loss_fn: LossFn, examples: list[dict]) -> list[torch.Tensor]:
+    scores = None
+    for example in examples:
+        backend.zero_grad()
+        backend.forward_backward(loss_fn, example, backend.loss_multiplier / backend.world_size, last=True)
+        squares = fisher_scores(backend.views())
+        scores = squares if scores is None else [s.add_(q) for s, q in zip(scores, squares)]
+    return scores
+
+
+class _LossModule(torch.nn.Module):
+    """``loss_fn(model, batch)`` as a module, so that ``functional_call`` can swap its parameters."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def _batched_fisher(whole, loss_fn: LossFn, examples: list[dict], chunk: int | None) -> list[torch.Tensor]:
+    """Σ_i g_i² of the eligible parameters, g_i by ``vmap(grad(...))`` over chunks of examples."""
+    from torch.func import functional_call, grad, vmap
+
+    for ex in examples:
+        if not isinstance(ex, dict) or not all(isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == 1
+                                               for v in ex.values()):
+            raise ValueError("an example is not a dict of tensors of batch size 1")
+    wrapper = _LossModule(whole.module, loss_fn)
+    params = {f"model.{n}": p.detach() for n, p in whole.trainable if whole.eligible[n]}
+    fixed = {f"model.{n}": p.detach() for n, p in whole.trainable if not whole.eligible[n]}
+    per_example = sum(p.numel() * p.element_size() for p in params.values())
+    if chunk is None:
+        chunk = max(1, min(FISHER_MAX_CHUNK, FISHER_CHUNK_BYTES // max(1, per_example)))
+
+    def loss(diff: dict, batch: dict) -> torch.Tensor:
+        return functional_call(wrapper, {**diff, **fixed}, (batch,), tie_weights=True)
+
+    def example_loss(diff: dict, batched: dict, shared: dict) -> torch.Tensor:
+        return loss(diff, {**{k: v.unsqueeze(0) for k, v in batched.items()}, **shared})
+
+    one_grad = grad(loss)
+    per_example_grads = vmap(grad(example_loss), in_dims=(None, 0, None), randomness="different")
+    totals = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
+    groups: dict[tuple, list[dict]] = {}   # examples of the same shapes, in order of appearance
+    for ex in examples:
+        groups.setdefault(tuple((k, tuple(v.shape), v.dtype) for k, v in ex.items()), []).append(ex)
+    for group in groups.values():
+        for start in range(0, len(group), chunk):
+            part = group[start:start + chunk]
+            stacked = {k: torch.cat([ex[k] for ex in part]) for k in part[0]}
+            same = [k for k, v in stacked.items() if bool((v == v[:1]).all())]   # one sync per key
+            with torch.no_grad(), whole.context(), warnings.catch_warnings():
+                # (the module's own parameters record no graph; torch's notes that an op has no
+                # batching rule and runs per example are not news to the user)
+                warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+                if len(same) == len(stacked):   # one example, or copies of one: no vmap
+                    grads = {k: g.unsqueeze(0) for k, g in one_grad(params, part[0]).items()}
+                    copies = float(len(part))
+                else:
+                    grads = per_example_grads(params, {k: v for k, v in stacked.items() if k not in same},
+                                              {k: part[0][k] for k in same})
+                    copies = 1.0
+            for name in list(grads):
+                g = grads.pop(name).to(torch.float32).square_().sum(0)
+                totals[name].add_(g if copies == 1.0 else g.mul_(copies))
+    return whole.pieces({name[len("model."):]: t for name, t in totals.items()})
 
 
 def train_step(backend: Backend, loss_fn: LossFn, micro_batches: list[dict], *, step: int,
