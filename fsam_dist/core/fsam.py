@@ -48,7 +48,7 @@ from .norms import fp64_total, grad_norm, sumsq
 from .reshard import GLOBAL, place_masks, place_tensors
 from .restore import SMALL, Saved, restored, save
 from .select import topk_masks
-from .views import CHUNK, ShardView, chunks
+from .views import ShardView, chunks
 
 __all__ = ["FSAM", "Perturbation", "compute_mask", "count_nonfinite", "fisher_scores", "grad_norm", "perturb",
            "restore"]
