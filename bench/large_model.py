@@ -47,6 +47,8 @@ from .common import free_port, memory_status, reset_peak_rss, set_rank_env
 
 LIVE_PARAMETERS = 10 ** 8
 """ZeRO-3's stage3_max_live_parameters and stage3_max_reuse_distance in this bench (see _worker)."""
+SUB_GROUP_SIZE = 25 * 10 ** 6
+"""ZeRO-3's sub_group_size in this bench: 100 MB of fp32 per optimizer sub-group (see _worker)."""
 
 SHAPES = {"t5-large": (1024, 24, 16, 32128, 4096), "t5-base": (768, 12, 12, 32128, 3072),
           "t5-1b": (1280, 24, 20, 32128, 5120)}   # 1.14 B: between t5-large and t5-3b
@@ -117,11 +119,16 @@ def _worker(rank: int, world: int, port: int, name: str, model_dir: str, steps: 
     config = AutoConfig.from_pretrained(model_dir)
     if ds_config is not None:
         ds_config = fill_hidden_sized(ds_config, config, cfg.backend.deepspeed_config)
-        # DeepSpeed keeps up to stage3_max_live_parameters (default 1e9: the whole 738 M model)
-        # gathered and reuses them within stage3_max_reuse_distance (1e9): 4 ranks holding every
-        # gathered layer do not fit this 24 GiB machine. 1e8 (400 MB fp32) bounds the transients.
+        # DeepSpeed's defaults are sized for GPUs with room to spare: it keeps up to
+        # stage3_max_live_parameters (1e9: the whole 738 M model) gathered, reuses them within
+        # stage3_max_reuse_distance (1e9), and runs the optimizer over sub-groups of
+        # sub_group_size (1e9) partition entries, each with a gradient buffer, a flattened
+        # gradient copy and AdamW's temporaries as large as the sub-group (the rank's whole
+        # partition). With them a fp32 rank of this model passed 6.3 GB and 4 ranks did not fit
+        # this 24 GiB machine; these bound the transients to ~0.4 GB.
         ds_config["zero_optimization"].update(stage3_max_live_parameters=LIVE_PARAMETERS,
-                                              stage3_max_reuse_distance=LIVE_PARAMETERS)
+                                              stage3_max_reuse_distance=LIVE_PARAMETERS,
+                                              sub_group_size=SUB_GROUP_SIZE)
     warm = meta_model(config)   # imports and first-use costs before the baseline
     del warm
     if name == "zero3":   # zero.Init's own first-use costs (fixed, not the model's) too

@@ -95,7 +95,7 @@ class NaiveFSAM:
     def gradients(self, batch: dict) -> tuple[float, list[torch.Tensor]]:
         loss = mean_loss(self.model, batch)
         grads = torch.autograd.grad(loss, [p for _, p in self.params], allow_unused=True)
-        return float(loss), [torch.zeros_like(p) if g is None else g for (_, p), g in zip(self.params, grads)]
+        return float(loss.detach()), [torch.zeros_like(p) if g is None else g for (_, p), g in zip(self.params, grads)]
 
     def step(self, step: int, batch: dict) -> dict:
         loss, grads = self.gradients(batch)
