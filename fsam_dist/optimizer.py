@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -242,7 +243,10 @@ class FSAMOptimizer:
             return False
         try:
             self._phase = "perturbed"
-            self._views = views
+            # The restore reads the weights only. Kept with their pass-1 gradients, the views would
+            # hold g₁ alive through pass 2 once zero_grad drops it: a full copy of the local
+            # gradient on every backend whose zero_grad frees gradients (one process, DDP, FSDP).
+            self._views = [replace(v, grad=v.weights) for v in views]
             self._stats.update(fsam.ascend(views, self.step_count, self.backend.group, scores=fisher_scores))
             self._stats["perturbed"] = 1
             self.backend.publish(restored=False)

@@ -511,3 +511,23 @@ def test_accelerate_boolean_spellings_pick_fsdp(monkeypatch, spelling):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "maybe")
     with pytest.raises(ConfigError, match="distributed_type: FSDP"):
         resolve_backend(cfg, env)
+
+
+def test_pass_one_gradients_are_freed_before_pass_two():
+    """After ascend() nothing keeps g₁: zero_grad frees it, so pass 2 does not run next to a
+    full copy of the local gradient (the restore needs the weights only)."""
+    import gc
+    import weakref
+
+    import fsam_dist
+
+    model = tiny_net(0)
+    sam = fsam_dist.FSAMOptimizer(model, torch.optim.AdamW(model.parameters(), lr=LR), **FSAM_KW)
+    loss_of(model, global_batch(0)).backward()
+    first = [weakref.ref(p.grad) for p in model.parameters()]
+    assert sam.ascend()
+    gc.collect()
+    alive = [r for r in first if r() is not None]
+    assert not alive, f"{len(alive)} pass-1 gradient(s) still referenced during pass 2"
+    loss_of(model, global_batch(0)).backward()
+    sam.descend_and_step()
