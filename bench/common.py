@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from queue import Empty
 
 import torch
 
@@ -56,7 +58,20 @@ def spawn_ranks(target, world: int, *args, results: int = 1, timeout: float = 18
     procs = [ctx.Process(target=target, args=(r, world, port, *args, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    out = [queue.get(timeout=timeout) for _ in range(results)]
+    out, deadline = [], time.monotonic() + timeout
+    while len(out) < results:
+        try:
+            out.append(queue.get(timeout=5))
+        except Empty:
+            # A rank that died (e.g. killed by the kernel's OOM killer) never reports: stop the
+            # others rather than wait for it.
+            dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                why = ", ".join(f"rank {r} exited with {code}" + (" (killed: out of memory?)" if code == -9 else "")
+                                for r, code in dead) or f"no result within {timeout:.0f} s"
+                raise RuntimeError(f"benchmark ranks failed: {why}")
     for p in procs:
         p.join()
     return out
