@@ -33,6 +33,8 @@ from .stats import paired, summary
 
 REPO = Path(__file__).resolve().parents[2]
 RHO = 0.05
+EVALS = 6
+"""Evaluations per run (the early-stopping candidates) where a task does not say."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Task:
     eval_task: str
     sizes: tuple[int, ...]
     steps: dict = field(default_factory=dict)     # training-set size -> max steps
+    evals: dict = field(default_factory=dict)     # training-set size -> evaluations per run (default EVALS)
     max_source_length: int = 32
     max_target_length: int = 32
     val_examples: int = 200
@@ -54,8 +57,8 @@ class Task:
 
 
 TASKS = {
-    "g2p": Task("g2p", "builtin:cmudict", "per", True, "g2p", (200, 1000), {200: 150, 1000: 150},
-                val_examples=60, test_examples=200),
+    "g2p": Task("g2p", "builtin:cmudict", "per", True, "g2p", (200, 1000), {200: 300, 1000: 900},
+                evals={200: 6, 1000: 9}, val_examples=60, test_examples=200),
     "stress": Task("stress", "builtin:stress", "exact_match", False, "gec", (300, 3000), {300: 500, 3000: 600},
                    val_examples=300, test_examples=600, baselines=("majority", "vowel-groups")),
     "spelling": Task("spelling", "builtin:spelling", "exact_match", False, "gec", (300, 3000), {300: 600, 3000: 600},
@@ -318,7 +321,7 @@ def make_plan(args) -> Plan:
     for t in tasks:
         for n in sizes[t.name]:
             steps[(t.name, n)] = args.steps or t.steps.get(n) or max(t.steps.values())
-            every[(t.name, n)] = max(1, math.ceil(steps[(t.name, n)] / args.evals))
+            every[(t.name, n)] = max(1, math.ceil(steps[(t.name, n)] / (args.evals or t.evals.get(n) or EVALS)))
     seeds = list(dict.fromkeys(args.seed_list)) if getattr(args, "seed_list", None) else list(range(args.seeds))
     return Plan(model=args.model, out=args.out, tasks=tasks, methods=args.methods, seeds=seeds,
                 sizes=sizes, steps=steps, eval_every=every, lr=args.lr, batch_size=args.batch_size,
@@ -428,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                          "give each its own --out, or they would train the same run at once)")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="training-set sizes (every task)")
     ap.add_argument("--steps", type=int, default=None, help="steps per run (default: per task and size)")
-    ap.add_argument("--evals", type=int, default=3, help="evaluations per run (the early-stopping candidates)")
+    ap.add_argument("--evals", type=int, default=None,
+                    help=f"evaluations per run, the early-stopping candidates (default: per task and size, else {EVALS})")
     ap.add_argument("--val-examples", type=int, default=None)
     ap.add_argument("--test-examples", type=int, default=None)
     ap.add_argument("--report-only", action="store_true",
@@ -442,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="worker processes (one run each, one thread)")
     args = ap.parse_args(argv)
     quick = {"tasks": ["g2p"], "methods": ["adamw", "sam", "fsam"], "seeds": 2, "sizes": [200], "steps": 150,
-             "val_examples": 100, "test_examples": 200}
+             "evals": 3, "val_examples": 100, "test_examples": 200}
     full = {"tasks": list(DEFAULT_TASKS), "methods": list(METHODS), "seeds": 5}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
