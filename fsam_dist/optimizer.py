@@ -243,9 +243,10 @@ class FSAMOptimizer:
             return False
         try:
             self._phase = "perturbed"
-            # The restore reads the weights only. Kept with their pass-1 gradients, the views would
-            # hold g₁ alive through pass 2 once zero_grad drops it: a full copy of the local
-            # gradient on every backend whose zero_grad frees gradients (one process, DDP, FSDP).
+            # The restore reads each view's key and weights only (core.fsam.restore). Kept with
+            # their pass-1 gradients, the views would hold g₁ alive through pass 2 once zero_grad
+            # drops it: a full copy of the local gradient on every backend whose zero_grad frees
+            # gradients (one process, DDP, FSDP). ``grad=weights`` only fills the field.
             self._views = [replace(v, grad=v.weights) for v in views]
             self._stats.update(fsam.ascend(views, self.step_count, self.backend.group, scores=fisher_scores))
             self._stats["perturbed"] = 1

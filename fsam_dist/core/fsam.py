@@ -384,7 +384,8 @@ def perturb(views: list[ShardView], masks: dict, *, rho: float, eps: float, norm
 
 def restore(views: list[ShardView], perturbation: Perturbation) -> None:
     """Put back the exact values :func:`perturb` saved (no w + e − e rounding): per group, the
-    perturbed entries gathered again, decoded once, scattered back."""
+    perturbed entries gathered again, decoded once, scattered back. Reads each view's ``key``
+    and ``weights`` only (callers may pass views whose gradients are gone)."""
     by_key = {v.key: v for v in views}
     with torch.no_grad():
         for group in perturbation.groups:
